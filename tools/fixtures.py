@@ -20,7 +20,8 @@ CONFIGS = {
     "wide_v": dict(hidden_size=32, num_heads=2, chunk_size=32, v_dim_factor=1.5, weight_mode="fused"),
 }
 LENGTHS = (1, 5, 16, 33, 200)
-VOCAB = 96
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+VOCAB = 320  # 256 bytes + 2 specials + merges of the byte-level tokenizer
 
 
 def tiny_config(**overrides):
@@ -105,6 +106,18 @@ def build_tokenizer(path, vocab_size: int):
     return fast
 
 
+def model_dir(path, fixture: str = "single", **config_updates) -> Path:
+    """A ready-to-load model folder (no torch needed): a committed golden checkpoint,
+    a tokenizer, and config changes (e.g. force_bos_token_insert=True)."""
+    path = Path(path)
+    shutil.copytree(FIXTURES / fixture, path, ignore=shutil.ignore_patterns("golden.npz"))
+    config = json.loads((path / "config.json").read_text())
+    config.update(config_updates)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer(path, VOCAB)
+    return path
+
+
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
 
@@ -120,6 +133,7 @@ def write_golden(out: Path):
         folder = out / name
         shutil.rmtree(folder, ignore_errors=True)
         model = save_checkpoint(folder, seed=len(name), tokenizer=False, **overrides)
+        (folder / "generation_config.json").unlink()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, VOCAB, size=(2, max(LENGTHS)))
         np.savez_compressed(folder / "golden.npz", ids=ids, logits=reference_logits(model, ids))
