@@ -224,8 +224,8 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.backbone = xLSTMBackbone(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # transformers keeps a separate lm_head even when the config says tied.
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         T = inputs.shape[1]
@@ -240,10 +240,7 @@ class Model(nn.Module):
         if cache:
             for c in cache:
                 c.advance(T)
-        if self.args.tie_word_embeddings:
-            logits = self.backbone.embeddings.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+        logits = self.lm_head(h)
         cap = self.args.output_logit_soft_cap
         logits = soft_cap(logits.astype(mx.float32), cap).astype(logits.dtype)
         return logits[:, 1:] if with_bos else logits
@@ -273,8 +270,8 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict) -> dict:
         weights = self._split_fused(weights)
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        if self.args.tie_word_embeddings and "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights["backbone.embeddings.weight"]
         _check_weights(self, weights)
         return weights
 

@@ -1,0 +1,27 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import fixtures  # noqa: E402
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="the live reference needs torch")
+
+
+def load_fixture(name: str):
+    """A committed transformers-written checkpoint, loaded through mlx-lm's own loader."""
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(fixtures.FIXTURES / name)
+    return model
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory):
+    """A loadable folder with a tokenizer and NX-AI's BOS behaviour."""
+    return fixtures.model_dir(tmp_path_factory.mktemp("m") / "xlstm", "single", force_bos_token_insert=True)
