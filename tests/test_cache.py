@@ -1,0 +1,82 @@
+"""State semantics: chunked prefill + decode == one pass; ragged batches == one by one."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import fixtures, load_fixture
+from mlx_lm.models.cache import ArraysCache
+
+ATOL, RTOL = 1e-4, 1e-3
+
+
+def run_pieces(model, ids, pieces):
+    cache = model.make_cache()
+    outs, start = [], 0
+    for size in pieces:
+        outs.append(model(ids[:, start : start + size], cache=cache))
+        start += size
+    return mx.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("name", ["single", "fused_bias"])
+@pytest.mark.parametrize("pieces", [[40, 1, 1, 1], [7, 16, 1, 3, 13], [1] * 12, [16, 16, 8]])
+def test_chunked_prefill_and_decode_equal_one_pass(name, pieces):
+    model = load_fixture(name)
+    ids = mx.array(np.random.default_rng(0).integers(0, fixtures.VOCAB, (2, sum(pieces))))
+    full = model(ids)
+    chunked, cache = run_pieces(model, ids, pieces)
+    np.testing.assert_allclose(np.array(chunked), np.array(full), atol=ATOL, rtol=RTOL)
+    C, n, m = cache[0].cache
+    assert C.dtype == n.dtype == m.dtype == mx.float32
+    assert m.shape == C.shape[:2] and n.shape == C.shape[:3]
+
+
+def test_state_is_fp32_and_constant_size_with_half_weights():
+    model = load_fixture("single")
+    model.set_dtype(mx.float16)
+    sizes = []
+    for T in (8, 100):
+        cache = model.make_cache()
+        out = model(mx.zeros((1, T), dtype=mx.int32), cache=cache)
+        assert out.dtype == mx.float16 and not mx.isnan(out).any().item()
+        assert all(c.dtype == mx.float32 for c in cache[0].cache)
+        sizes.append(sum(c.nbytes for c in cache))
+    assert sizes[0] == sizes[1]
+
+
+def test_ragged_right_padded_batch_equals_each_alone():
+    model = load_fixture("fused_bias")
+    rng = np.random.default_rng(3)
+    lengths = [5, 23, 17]
+    T = max(lengths)
+    seqs = [rng.integers(2, fixtures.VOCAB, n) for n in lengths]
+    padded = mx.array(np.stack([np.pad(s, (0, T - len(s)), constant_values=1) for s in seqs]))
+
+    cache = model.make_cache()
+    for c in cache:
+        c.prepare(lengths=lengths)
+    batch_logits = model(padded, cache=cache)
+    for c in cache:
+        c.finalize()
+    nxt = mx.array([[7], [8], [9]])
+    batch_next = model(nxt, cache=cache)
+
+    for b, s in enumerate(seqs):
+        alone_cache = model.make_cache()
+        alone = model(mx.array(s)[None], cache=alone_cache)
+        np.testing.assert_allclose(
+            np.array(batch_logits[b, : lengths[b]]), np.array(alone[0]), atol=ATOL, rtol=RTOL
+        )
+        alone_next = model(nxt[b : b + 1], cache=alone_cache)
+        np.testing.assert_allclose(np.array(batch_next[b]), np.array(alone_next[0]), atol=ATOL, rtol=RTOL)
+
+
+def test_zero_filled_merge_slot_is_the_initial_state():
+    """mlx-lm merges caches by filling empty slots with zeros: that must equal a fresh start."""
+    model = load_fixture("single")
+    ids = mx.array([[5, 6, 7, 8]])
+    warm = model.make_cache()
+    model(mx.array([[9, 10, 11]]), cache=warm)
+    merged = [ArraysCache.merge([w, ArraysCache(3)]) for w in warm]
+    out = model(mx.concatenate([mx.array([[1, 2, 3, 4]]), ids]), cache=merged)
+    np.testing.assert_allclose(np.array(out[1]), np.array(model(ids)[0]), atol=ATOL, rtol=RTOL)
