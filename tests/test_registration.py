@@ -1,0 +1,65 @@
+"""A fresh interpreter that imports only mlx_lm sees the `xlstm` model type."""
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import mlx_lm_xlstm
+
+from conftest import fixtures, needs_torch
+
+
+def python(code: str, *flags: str) -> str:
+    return subprocess.run(
+        [sys.executable, *flags, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
+
+
+def test_hook_is_light_and_resolves_lazily():
+    out = python(
+        "import sys; before = 'mlx' in sys.modules; import mlx_lm.models.xlstm as m; "
+        "import mlx_lm_xlstm.xlstm as ours; print(before, m is ours)"
+    )
+    assert out == "False True"
+
+
+def test_importing_the_package_registers_without_site():
+    """`python -S` skips .pth files: importing the package by hand registers it."""
+    paths = [sysconfig.get_paths()["purelib"], str(Path(mlx_lm_xlstm.__file__).parent.parent)]
+    out = python(
+        f"import sys; sys.path[:0] = {paths!r}; import mlx_lm_xlstm; "
+        "import mlx_lm.models.xlstm as m; print(m.Model.__module__)",
+        "-S",
+    )
+    assert out == "mlx_lm_xlstm.xlstm"
+
+
+def generate(folder, prompt: str, max_tokens: int) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(folder), "--prompt", prompt,
+         "--max-tokens", str(max_tokens), "--temp", "0"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    return out[out.index("==========\n") + 11 : out.rindex("\n==========")]
+
+
+def test_cli_generate_produces_text(model_folder):
+    assert generate(model_folder, "def main", 8)
+
+
+@needs_torch
+def test_cli_greedy_tokens_equal_transformers(tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    ref = fixtures.save_checkpoint(tmp_path, seed=3, extra_config={"force_bos_token_insert": True})
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    prompt = "def main(self):"
+    ids = [0] + tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=0, pad_token_id=1, use_cache=False
+        )[0, len(ids):].tolist()
+    expected = [t for t in expected if t != 0]  # mlx-lm does not print the EOS token
+    assert generate(tmp_path, prompt, 12) == tokenizer.decode(expected)
