@@ -1,0 +1,229 @@
+"""The fused decode kernel: dispatch and fallback (run everywhere, with a stand-in kernel),
+the CUDA source (compiled with nvcc where it is installed) and kernel-vs-ops parity
+(on a GPU: CUDA or Metal)."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import mlx.core as mx
+import pytest
+
+from mlx_lm_xlstm import kernels
+from mlx_lm_xlstm import mlstm as ops
+from mlx_lm_xlstm.kernels import step
+
+ON_GPU = step.kernel is not None
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no Metal or CUDA device: kernel not built")
+
+
+def random_step(B, H, Dqk, Dv, dtype, key, masked=()):
+    keys = mx.random.split(mx.random.key(key), 8)
+    q, k = (mx.random.normal((B, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
+    v = mx.random.normal((B, H, Dv), key=keys[2]).astype(dtype)
+    i = 4 * mx.random.normal((B, H), key=keys[3])
+    log_f = -mx.abs(mx.random.normal((B, H), key=keys[4]))
+    for b in masked:
+        i[b] = ops.MASKED_I
+        log_f[b] = 0.0
+    C = mx.random.normal((B, H, Dqk, Dv), key=keys[5])
+    n = mx.random.normal((B, H, Dqk), key=keys[6])
+    m = 2 * mx.random.normal((B, H), key=keys[7])
+    return q, k, v, i, log_f, C, n, m
+
+
+def assert_close(got, want, rtol, atol):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert not mx.isnan(g).any().item()
+        assert mx.allclose(g, w, rtol=rtol, atol=atol).item(), mx.abs(g - w).max().item()
+
+
+def flat(result):
+    h, (C, n, m) = result
+    return h, C, n, m
+
+
+# ---- dispatch, on any machine: a stand-in kernel that computes the ops step -------------
+
+
+class StandInKernel:
+    """Answers a `launch` call like the compiled kernel, computing with the ops step."""
+
+    def __init__(self, wrong=False):
+        self.calls = 0
+        self.wrong = wrong
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose):
+        self.calls += 1
+        q, k, v, i, log_f, C, n, m, eps = inputs
+        assert dict(template)["DQK"] == q.shape[-1] and grid[0] % 32 == 0
+        assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[1]
+        h, (C, n, m) = ops.mlstm_step(q, k, v, i, log_f, C, n, m, eps=eps.item())
+        return [h + 1.0 if self.wrong else h, C, n, m]
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    def install(wrong=False):
+        kernel = StandInKernel(wrong)
+        monkeypatch.setattr(step, "kernel", kernel)
+        monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
+        monkeypatch.setitem(kernels._verified, "step", None)
+        monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
+        return kernel
+
+    return install
+
+
+def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
+    kernel = stand_in()
+    args = random_step(2, 2, 8, 24, mx.float32, key=1, masked=[1])
+    assert_close(flat(kernels.mlstm_step(*args)), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+    checks = kernel.calls - 1  # the first-use comparison ran the kernel too
+    assert checks >= 1 and kernels._verified["step"] is True
+    kernels.mlstm_step(*args)
+    assert kernel.calls == checks + 2  # checked once only
+
+
+def test_env_variable_forces_the_ops_path(stand_in, monkeypatch):
+    kernel = stand_in()
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    args = random_step(1, 2, 8, 24, mx.float32, key=2)
+    assert_close(flat(kernels.mlstm_step(*args)), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+    assert kernel.calls == 0
+
+
+def test_a_wrong_kernel_warns_once_and_falls_back(stand_in):
+    kernel = stand_in(wrong=True)
+    args = random_step(2, 1, 8, 24, mx.float32, key=3)
+    with pytest.warns(UserWarning, match="fused mLSTM step kernel is disabled"):
+        got = kernels.mlstm_step(*args)
+    assert_close(flat(got), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+    calls = kernel.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.mlstm_step(*args)
+    assert kernel.calls == calls and kernels._verified["step"] is False
+
+
+def test_a_kernel_that_raises_falls_back(stand_in, monkeypatch):
+    stand_in()
+    monkeypatch.setattr(step, "kernel", lambda **kw: (_ for _ in ()).throw(RuntimeError("nvrtc")))
+    args = random_step(1, 1, 8, 24, mx.float32, key=4)
+    with pytest.warns(UserWarning, match="nvrtc"):
+        got = kernels.mlstm_step(*args)
+    assert_close(flat(got), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+
+
+def test_unsupported_inputs_take_the_ops_path(stand_in):
+    kernel = stand_in()
+    q, k, v, i, log_f, C, n, m = random_step(1, 2, 8, 24, mx.float32, key=5)
+    kernels.mlstm_step(q, k, v, i, log_f, C.astype(mx.bfloat16), n, m)  # state not fp32
+    kernels.mlstm_step(q.astype(mx.int32), k, v, i, log_f, C, n, m)
+    assert kernel.calls == 0
+
+
+def test_gradients_through_the_kernel_are_the_ops_gradients(stand_in):
+    stand_in()
+    args = random_step(2, 2, 8, 24, mx.float32, key=6)
+
+    def loss(step_fn):
+        def f(q, k, v, C):
+            h, (C2, n2, m2) = step_fn(q, k, v, args[3], args[4], C, args[6], args[7])
+            return (h * h).sum() + C2.sum() + n2.sum()
+
+        return mx.grad(f, argnums=(0, 1, 2, 3))(args[0], args[1], args[2], args[5])
+
+    for got, want in zip(loss(kernels.mlstm_step), loss(ops.mlstm_step)):
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
+def test_chunkwise_dispatch_is_the_ops_path():
+    keys = mx.random.split(mx.random.key(8), 5)
+    B, H, T, Dqk, Dv = 1, 2, 7, 8, 16
+    q, k = (mx.random.normal((B, H, T, Dqk), key=keys[j]) for j in (0, 1))
+    v = mx.random.normal((B, H, T, Dv), key=keys[2])
+    i = mx.random.normal((B, H, T), key=keys[3])
+    log_f = -mx.abs(mx.random.normal((B, H, T), key=keys[4]))
+    state = (mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H)))
+    got = kernels.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=4)
+    want = ops.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=4)
+    assert_close(flat(got), flat(want), 0, 0)
+
+
+# ---- the CUDA source, as MLX wraps it, through nvcc (where nvcc is installed) ------------
+
+CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
+
+
+def cuda_source(dtype, Dqk, Dv, body=None):
+    """The translation unit MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp),
+    with the public CUDA headers standing in for MLX's own device utils."""
+    body = step.source(step._CUDA) if body is None else body
+    t = CUDA_TYPES[dtype]
+    in_types = [t, t, t] + ["float"] * 6
+    params = [f"    const {ty}* {name}" for ty, name in zip(in_types, step.INPUTS)]
+    params += [f"    float* {name}" for name in step.OUTPUTS]
+    return (
+        "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
+        "#define inf cuda::std::numeric_limits<float>::infinity()\n"
+        "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+        f"__global__ void custom_kernel_mlstm_step(\n" + ",\n".join(params) + ") {\n"
+        f"  constexpr int DQK = {Dqk};\n  constexpr int DV = {Dv};\n{body}\n}}\n}}\n"
+    )
+
+
+def nvcc(source):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cu")
+        with open(path, "w") as f:
+            f.write(source)
+        return subprocess.run(
+            ["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", "-o", os.path.join(tmp, "k.ptx"), path],
+            capture_output=True,
+            text=True,
+        )
+
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+
+
+@needs_nvcc
+def test_cuda_step_source_compiles():
+    result = nvcc(cuda_source(mx.bfloat16, 256, 512))
+    assert result.returncode == 0, result.stderr
+    broken = step.source(step._CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;")
+    assert nvcc(cuda_source(mx.float32, 16, 40, broken)).returncode != 0
+
+
+# ---- parity on the GPU --------------------------------------------------------------------
+
+
+@needs_gpu
+@pytest.mark.parametrize("B", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("Dqk, Dv", [(256, 512), (12, 40)])
+def test_kernel_matches_ops(B, dtype, Dqk, Dv):
+    args = random_step(B, 2, Dqk, Dv, dtype, key=B, masked=[0])
+    got = flat(step.launch(step.kernel, *args, 1e-6))
+    want = flat(ops.mlstm_step(*args))
+    assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the masked sequence keeps its state bit for bit
+    assert mx.array_equal(got[1][0], args[5][0]).item() and mx.array_equal(got[3][0], args[7][0]).item()
+
+
+@needs_gpu
+def test_kernel_over_many_steps_stays_with_ops():
+    B, H, Dqk, Dv = 2, 8, 256, 512
+    _, _, _, _, _, C, n, m = random_step(B, H, Dqk, Dv, mx.float32, key=11)
+    state_k = state_o = (C, n, m)
+    for t in range(256):
+        q, k, v, i, log_f, *_ = random_step(B, H, Dqk, Dv, mx.bfloat16, key=100 + t, masked=[t % 2])
+        h_k, state_k = kernels.mlstm_step(q, k, v, i, log_f, *state_k)
+        h_o, state_o = ops.mlstm_step(q, k, v, i, log_f, *state_o)
+        mx.eval(h_k, state_k, h_o, state_o)
+    assert kernels._verified["step"] is True
+    assert_close((h_k, *state_k), (h_o, *state_o), rtol=1e-3, atol=1e-4)
