@@ -1,19 +1,23 @@
-"""Makes `mlx_lm.models.xlstm` resolve to this package's model module.
+"""Makes `mlx_lm.models.xlstm` resolve to this package's model module, and
+`mlx_lm.chat_templates.xlstm` to its chat template.
 
 Imported at interpreter start by `mlx_lm_xlstm.pth`, so it must stay light:
-no mlx, no importlib.abc; the finder is duck-typed and answers for one name only.
+no mlx, no importlib.abc; the finder is duck-typed and answers for these names only.
 """
 
 import sys
 
-TARGET = "mlx_lm.models.xlstm"
-PROVIDER = "mlx_lm_xlstm.xlstm"
+ALIASES = {
+    "mlx_lm.models.xlstm": "mlx_lm_xlstm.xlstm",
+    "mlx_lm.chat_templates.xlstm": "mlx_lm_xlstm.chat_template",
+}
 
 
 class _AliasLoader:
     def create_module(self, spec):
-        __import__(PROVIDER)
-        return sys.modules[PROVIDER]
+        provider = ALIASES[spec.name]
+        __import__(provider)
+        return sys.modules[provider]
 
     def exec_module(self, module):
         pass
@@ -21,7 +25,7 @@ class _AliasLoader:
 
 class XLSTMFinder:
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname not in ALIASES:
             return None
         from importlib.machinery import ModuleSpec
 

@@ -6,7 +6,8 @@ sLSTM/mLSTM block stack, told apart by the config (the paper's has `mlstm_block`
 
 from . import large
 
-TOKENIZER_DEFAULTS = {"eos_token_ids": [0]}
+# Base checkpoints ship no chat template: mlx-lm then uses chat_template.py (aliased by the hook).
+TOKENIZER_DEFAULTS = {"eos_token_ids": [0], "chat_template_type": "xlstm"}
 
 
 def _is_paper(config: dict) -> bool:

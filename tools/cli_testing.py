@@ -1,0 +1,96 @@
+"""Helpers for the end-to-end tests (tests/test_cli_*.py): run mlx-lm's real CLIs in a
+subprocess on tiny checkpoints.
+
+The CLIs run as `python -m mlx_lm <command>` does, with one change: torch is hidden from the
+child. transformers imports torch when it can (2.5 s per start); mlx-lm never needs it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import fixtures
+
+RUN_CLI = (
+    "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['mlx_lm'] + sys.argv[1:]; "
+    "runpy.run_module('mlx_lm', run_name='__main__')"
+)
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "80", "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args, input=None, timeout=120, check=True, cwd=None) -> subprocess.CompletedProcess:
+    """`mlx_lm <args>` in a subprocess; raises with its output when it fails and check is set."""
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, *map(str, args)], input=input, capture_output=True,
+        text=True, timeout=timeout, env=ENV, cwd=cwd,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlx_lm {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def generated_text(stdout: str) -> str:
+    """The text between the ========== markers of `mlx_lm generate --verbose True`."""
+    return stdout.split("==========\n")[1].rsplit("\n", 1)[0]
+
+
+def random_model_dir(path, seed=0, **config_updates) -> Path:
+    """A loadable folder like fixtures.model_dir, with fresh random MLX weights so that the
+    shapes may change (e.g. hidden_size=128 for real quantization group sizes); no torch."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.xlstm import Model, ModelArgs
+
+    dims = {}
+    for name, alias in (("hidden_size", "embedding_dim"), ("num_hidden_layers", "num_blocks")):
+        if name in config_updates:
+            dims[alias] = config_updates[name]
+    path = fixtures.model_dir(path, "single", **config_updates, **dims)
+    config = json.loads((path / "config.json").read_text())
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():  # forget gates open, as in trained checkpoints
+        if name.endswith("fgate_preact.bias"):
+            weights[name] = w + 3.0
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model, *extra, startup_timeout=60):
+    """`mlx_lm server` on 127.0.0.1 and a free port; yields the base URL; always killed."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_CLI, "server", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *map(str, extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("server did not start in time")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
