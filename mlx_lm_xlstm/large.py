@@ -9,7 +9,9 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
-from .mlstm import MASKED_I, mlstm_chunkwise, mlstm_step
+from .kernels import mlstm_chunkwise, mlstm_step
+from .distributed import BlockPipeline, shard_heads
+from .mlstm import MASKED_I
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -203,7 +205,7 @@ class mLSTMBlock(nn.Module):
         return x + self.ffn(self.norm_ffn(x))
 
 
-class xLSTMBackbone(nn.Module):
+class xLSTMBackbone(BlockPipeline, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
@@ -212,9 +214,12 @@ class xLSTMBackbone(nn.Module):
             self.out_norm = RMSNorm(args.hidden_size, args.norm_eps, False)
 
     def __call__(self, x, mask=None, cache=None):
-        cache = cache or [None] * len(self.blocks)
-        for block, c in zip(self.blocks, cache):
+        blocks = self.pipeline_layers
+        cache = cache or [None] * len(blocks)
+        x = self.receive_stage_input(x)
+        for block, c in zip(blocks, cache):
             x = block(x, mask, c)
+        x = self.pass_stage_output(x, cache)
         return self.out_norm(x) if "out_norm" in self else x
 
 
@@ -263,7 +268,15 @@ class Model(nn.Module):
 
     @property
     def layers(self):
-        return self.backbone.blocks
+        return self.backbone.pipeline_layers
+
+    @property
+    def model(self):
+        # Where mlx-lm's sharded_load looks for the pipeline layout.
+        return self.backbone
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        shard_heads(self, group or mx.distributed.init())
 
     def make_cache(self):
         return [ArraysCache(size=3) for _ in self.layers]
@@ -273,6 +286,7 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings and "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["backbone.embeddings.weight"]
         _check_weights(self, weights)
+        _report_unquantized(self, weights)
         return weights
 
     def _split_fused(self, weights: dict) -> dict:
@@ -336,3 +350,31 @@ def _check_weights(model: nn.Module, weights: dict):
                 f"xLSTM checkpoint: tensor '{key}' has shape {tuple(weights[key].shape)}, "
                 f"the config implies {tuple(param.shape)}"
             )
+
+
+def _report_unquantized(model: nn.Module, weights: dict):
+    """mlx-lm's quantize leaves a layer in float, without a word, when the group size does
+    not divide its input width (the FFN down projection of xLSTM-7b: 10944 = 171 x 64, so
+    at group 128). Say so on load, with the group sizes that would fit."""
+    import warnings
+
+    scales = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
+    if not scales:
+        return
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    keep_float = model.quant_predicate
+    path, s = next(iter(scales.items()))
+    group_size = linears[path].weight.shape[-1] // s.shape[-1]
+    skipped = {
+        p: m.weight.shape[-1] for p, m in linears.items()
+        if p not in scales and keep_float(p, m) and m.weight.shape[-1] % group_size
+    }
+    if skipped:
+        widths = sorted(set(skipped.values()))
+        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
+        warnings.warn(
+            f"xLSTM: {len(skipped)} layers stay unquantized (e.g. {next(iter(skipped))}): their input "
+            f"width {widths} is not a multiple of the group size {group_size}"
+            + (f"; --q-group-size {fits[0]} quantizes them too" if fits else ""),
+            stacklevel=2,
+        )
