@@ -362,34 +362,6 @@ def _report_unquantized(model: nn.Module, weights: dict):
     if not scales:
         return
     linears = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    keep_float = model.quant_predicate
-    path, s = next(iter(scales.items()))
-    group_size = linears[path].weight.shape[-1] // s.shape[-1]
-    skipped = {
-        p: m.weight.shape[-1] for p, m in linears.items()
-        if p not in scales and keep_float(p, m) and m.weight.shape[-1] % group_size
-    }
-    if skipped:
-        widths = sorted(set(skipped.values()))
-        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
-        warnings.warn(
-            f"xLSTM: {len(skipped)} layers stay unquantized (e.g. {next(iter(skipped))}): their input "
-            f"width {widths} is not a multiple of the group size {group_size}"
-            + (f"; --q-group-size {fits[0]} quantizes them too" if fits else ""),
-            stacklevel=2,
-        )
-
-
-def _report_unquantized(model: nn.Module, weights: dict):
-    """mlx-lm's quantize leaves a layer in float, without a word, when the group size does
-    not divide its input width (the FFN down projection of xLSTM-7b: 10944 = 171 x 64, so
-    at group 128). Say so on load, with the group sizes that would fit."""
-    import warnings
-
-    scales = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
-    if not scales:
-        return
-    linears = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     quantizable = model.quant_predicate
     path, s = next(iter(scales.items()))
     group_size = linears[path].weight.shape[-1] // s.shape[-1]
