@@ -1,0 +1,117 @@
+"""xLSTM-7b over mx.distributed, in the two layouts mlx-lm's `sharded_load` knows.
+
+Tensor parallel (`Model.shard`): each rank keeps num_heads / N heads of every mLSTM layer
+(their q, k, v, output-gate, input- and forget-gate rows, and their slice of the per-head
+norm); the recurrent state C, n, m then lives with its heads, so the cache shrinks by N
+with no extra communication. The FFN splits its width. out_proj and proj_down sum the
+partial results over the group: two all-reduces per block. Embedding and lm_head stay
+replicated, as in mlx-lm's own models.
+
+Pipeline parallel (`Model.model.pipeline`): mlx-lm's PipelineMixin layout, blocks split
+over ranks, the last rank running the first blocks.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx_lm.models.pipeline import PipelineMixin
+
+# Projections whose outputs are laid out head after head.
+HEAD_PROJECTIONS = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
+
+
+def shard_heads(model, group: mx.distributed.Group):
+    """Tensor parallel over heads; checks everything before changing anything."""
+    N = group.size()
+    check_tensor_parallel(model, N)
+    for block in model.layers:
+        layer = block.mlstm_layer
+        for name in HEAD_PROJECTIONS:
+            setattr(layer, name, shard_linear(getattr(layer, name), "all-to-sharded", group=group))
+        shard_inplace(layer.multihead_norm, "all-to-sharded", group=group)
+        layer.out_proj = shard_linear(layer.out_proj, "sharded-to-all", group=group)
+        layer.num_heads //= N
+
+        ffn = block.ffn
+        ffn.proj_up_gate = shard_linear(ffn.proj_up_gate, "all-to-sharded", group=group)
+        ffn.proj_up = shard_linear(ffn.proj_up, "all-to-sharded", group=group)
+        ffn.proj_down = shard_linear(ffn.proj_down, "sharded-to-all", group=group)
+
+
+def check_tensor_parallel(model, N: int):
+    args = model.args
+    if args.num_heads % N:
+        raise ValueError(
+            f"xLSTM tensor parallel: num_heads {args.num_heads} does not split over {N} ranks "
+            "(use a group size that divides it, or pipeline parallel)"
+        )
+    if args.ffn_dim % N:
+        raise ValueError(f"xLSTM tensor parallel: FFN width {args.ffn_dim} does not split over {N} ranks")
+    for i, block in enumerate(model.layers):
+        for name, linear in (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.proj_down", block.ffn.proj_down)):
+            # A quantized layer split along its input needs whole groups on every rank.
+            if isinstance(linear, nn.QuantizedLinear) and linear.scales.shape[-1] % N:
+                groups = linear.scales.shape[-1]
+                raise ValueError(
+                    f"xLSTM tensor parallel: backbone.blocks.{i}.{name} is quantized in {groups} "
+                    f"groups of {linear.group_size} along its input, which do not split over {N} "
+                    "ranks; quantize with a group size that makes the count divisible "
+                    "(e.g. --q-group-size 32) or keep this layer unquantized"
+                )
+
+
+class BlockPipeline(PipelineMixin):
+    """mlx-lm's pipeline layout over `self.blocks`, the name the checkpoints use."""
+
+    pipeline_group = None
+
+    @property
+    def layers(self):
+        return self.blocks
+
+    def pipeline(self, group: mx.distributed.Group, split=None):
+        # PipelineMixin rebinds `self.layers`; run its split on a stand-in and take the result.
+        stage = PipelineMixin()
+        stage.layers = self.blocks
+        stage.pipeline(group, split)
+        self.blocks = stage.layers
+        self.pipeline_rank, self.pipeline_size = stage.pipeline_rank, stage.pipeline_size
+        self.start_idx, self.end_idx = stage.start_idx, stage.end_idx
+        self.pipeline_group = group
+
+    def receive_stage_input(self, x):
+        """Hidden states from the rank that runs the blocks before ours."""
+        if self.pipeline_rank < self.pipeline_size - 1:
+            x = mx.distributed.recv_like(x, self.pipeline_rank + 1, group=self.pipeline_group)
+        return x
+
+    def pass_stage_output(self, x, cache):
+        """Hand our output on; every rank gets rank 0's, the output of the last block."""
+        if self.pipeline_size == 1:
+            return x
+        if self.pipeline_rank > 0:
+            x = mx.distributed.send(x, self.pipeline_rank - 1, group=self.pipeline_group)
+            if cache[-1] is not None:
+                # Evaluating the state then also runs the send.
+                cache[-1][2] = mx.depends(cache[-1][2], x)
+        return mx.distributed.all_gather(x, group=self.pipeline_group)[: x.shape[0]]
+
+
+def pipeline_load(path_or_repo: str, group: Optional[mx.distributed.Group] = None, split: Optional[List[int]] = None):
+    """`mlx_lm.utils.sharded_load(path, pipeline_group=group)` for xLSTM checkpoints.
+
+    sharded_load matches tensors to pipeline stages by a `layers.N.` pattern in their
+    names and refuses transformers' `backbone.blocks.N.`; its other steps are these.
+    The weights load lazily, so each rank reads only its own blocks from disk.
+    """
+    from mlx_lm.utils import load
+
+    group = group or mx.distributed.init()
+    model, tokenizer = load(path_or_repo, lazy=True)
+    model.model.pipeline(group, split)
+    mx.eval(model.parameters())
+    # Wait for every rank, as sharded_load does, so that no rank times out on its first message.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
+    return model, tokenizer

@@ -1,0 +1,231 @@
+"""Tensor/pipeline-parallel xLSTM through mlx-lm's loaders: greedy tokens against one
+process, and prefill/decode speed for 1 vs N ranks, on random weights of a given shape.
+
+All at once (7B shape, bf16, two GPUs of one host over NCCL):
+
+    python tools/bench_distributed.py all --dir /tmp/xlstm-7b --shape 7b --backend nccl -n 2
+
+Step by step (the same on CPU with the ring backend, at the tiny shape):
+
+    python tools/bench_distributed.py make /tmp/xlstm-7b --shape 7b --dtype bfloat16
+    python tools/bench_distributed.py run --case /tmp/xlstm-7b:tensor --out one.json
+    mlx.launch --backend nccl -n 2 --python "$(which python)" -- \\
+        tools/bench_distributed.py run --case /tmp/xlstm-7b:tensor --out two.json
+    python tools/bench_distributed.py compare one.json two.json
+
+`run` loads each case with `mlx_lm.utils.sharded_load` (tensor) or
+`mlx_lm_xlstm.distributed.pipeline_load` (pipeline) when launched on several ranks, with
+`mlx_lm.utils.load` in one process, then times `mlx_lm.generate.generate_step` (greedy).
+Rank 0 writes the JSON.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+SHAPES = {
+    # xLSTM-7b (NX-AI/xLSTM-7b config.json); the rest are ModelArgs defaults.
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_heads=8, vocab_size=50304),
+    # Enough heads and width for 2 ranks, and groups of 32 that split: v_dim 64 -> 2,
+    # FFN 192 -> 6.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, vocab_size=320, chunk_size=16),
+}
+TOKENIZER_VOCAB = 320
+
+
+def make_model(path, shape: dict, dtype="bfloat16", q_bits=None, q_group_size=None, seed=0, tokenizer_from=None):
+    """A loadable folder with random weights: config.json in transformers' names,
+    safetensors (+ index) written by mlx-lm, the fixtures' byte-level tokenizer
+    (copied from the folder `tokenizer_from` if given)."""
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fixtures
+    from mlx_lm_xlstm import large
+
+    path = Path(path)
+    config = {
+        "model_type": "xlstm", "architectures": ["xLSTMForCausalLM"], "ffn_round_up_to_multiple_of": 64,
+        "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 0, "force_bos_token_insert": True, **shape,
+    }
+    model = large.Model(large.ModelArgs.from_dict(dict(config)))
+    mx.random.seed(seed)
+    keep_fp32 = model.cast_predicate
+    target = getattr(mx, dtype)
+
+    def init(name, p):
+        if "norm" in name:
+            w = 1.0 + 0.1 * mx.random.normal(p.shape)
+        elif name.endswith("fgate_preact.bias"):
+            w = 3.0 + mx.random.normal(p.shape)  # forget gates mostly open: long memory
+        elif name.endswith("bias"):
+            w = 0.1 * mx.random.normal(p.shape)
+        elif "embeddings" in name:
+            w = mx.random.normal(p.shape)
+        else:
+            w = mx.random.normal(p.shape) * p.shape[-1] ** -0.5
+        return w.astype(target if keep_fp32(name) else mx.float32)
+
+    model.update(tree_map_with_path(init, model.parameters()))
+    if q_bits:
+        model, config = quantize_model(model, config, q_group_size, q_bits)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model, donate_model=True)
+    save_config(config, tmp / "config.json")
+    if tokenizer_from:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer_from) / name, tmp / name)
+    else:
+        fixtures.build_tokenizer(tmp, TOKENIZER_VOCAB)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def load_case(path: str, mode: str, group):
+    from mlx_lm.utils import load, sharded_load
+
+    from mlx_lm_xlstm.distributed import pipeline_load
+
+    if group.size() == 1:
+        return load(path)[0]
+    if mode == "tensor":
+        return sharded_load(path, tensor_group=group)[0]
+    if mode == "pipeline":
+        return pipeline_load(path, group)[0]
+    raise ValueError(f"unknown mode '{mode}' (expected 'tensor' or 'pipeline')")
+
+
+def greedy(model, prompt: mx.array, max_tokens: int):
+    """Tokens from mlx-lm's own generation loop, with prefill and decode times."""
+    from mlx_lm.generate import generate_step
+
+    tokens = []
+    start = time.perf_counter()
+    for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
+        if not tokens:
+            first = time.perf_counter()
+        tokens.append(int(token))
+    end = time.perf_counter()
+    return tokens, first - start, end - first
+
+
+def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed: int = 0):
+    group = mx.distributed.init()
+    results = []
+    for case in cases:
+        path, mode = case.rsplit(":", 1)
+        model = load_case(path, mode, group)
+        vocab = model.args.vocab_size
+        prompt = mx.random.randint(1, vocab, (prompt_tokens,), key=mx.random.key(seed))
+        for _ in range(warmup):
+            greedy(model, prompt[: 2 * model.args.chunk_size], 4)
+        mx.reset_peak_memory()
+        tokens, prefill_s, decode_s = greedy(model, prompt, max_tokens)
+        results.append({
+            "model": path, "mode": mode if group.size() > 1 else "single", "ranks": group.size(),
+            "tokens": tokens,
+            "prefill_tok_s": prompt_tokens / prefill_s,
+            "decode_tok_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 else None,
+            "peak_memory_gb_rank0": mx.get_peak_memory() / 1e9,
+        })
+        del model
+    return {"device": str(mx.default_device()), "ranks": group.size(), "cases": results}
+
+
+def compare(reference: dict, other: dict) -> bool:
+    """Print a table and return whether every case gives the reference's tokens."""
+    ok = True
+    print(f"{'model':<28} {'mode':<9} {'ranks':>5} {'prefill tok/s':>14} {'decode tok/s':>13}  tokens")
+    for ref, case in zip(reference["cases"], other["cases"]):
+        for r in (ref, case):
+            decode = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
+            print(f"{Path(r['model']).name:<28} {r['mode']:<9} {r['ranks']:>5} {r['prefill_tok_s']:>14.1f} {decode:>13}", end="")
+            if r is ref:
+                print()
+        same = ref["tokens"] == case["tokens"]
+        if not same:
+            i = next(i for i, (a, b) in enumerate(zip(ref["tokens"], case["tokens"])) if a != b)
+            print(f"  DIFFER from token {i}")
+        else:
+            print("  identical")
+        ok &= same
+    return ok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make", help="write a random-weight checkpoint folder")
+    p.add_argument("dir")
+    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--q-bits", type=int)
+    p.add_argument("--q-group-size", type=int, default=32)
+
+    p = sub.add_parser("run", help="greedy generation on this rank (under mlx.launch: sharded)")
+    p.add_argument("--case", action="append", required=True, help="DIR:tensor or DIR:pipeline")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("compare", help="tokens identical? speed table")
+    p.add_argument("reference")
+    p.add_argument("other")
+
+    p = sub.add_parser("all", help="make (if missing), run on 1 and on N ranks, compare")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--shape", choices=SHAPES, default="7b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--mode", choices=("tensor", "pipeline"), default="tensor")
+    p.add_argument("--backend", default="nccl")
+    p.add_argument("-n", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--timeout", type=int, default=1200)
+    args = parser.parse_args()
+
+    if args.command == "make":
+        make_model(args.dir, SHAPES[args.shape], args.dtype, args.q_bits, args.q_group_size)
+    elif args.command == "run":
+        result = run_cases(args.case, args.prompt_tokens, args.max_tokens, args.warmup)
+        if mx.distributed.init().rank() == 0:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    elif args.command == "compare":
+        load_json = lambda p: json.loads(Path(p).read_text())
+        sys.exit(0 if compare(load_json(args.reference), load_json(args.other)) else 1)
+    else:
+        run_all(args)
+
+
+def run_all(args):
+    folder = Path(args.dir)
+    if not (folder / "config.json").exists():
+        make_model(folder, SHAPES[args.shape], args.dtype)
+    tool = str(Path(__file__).resolve())
+    common = [
+        "run", "--case", f"{folder}:{args.mode}", "--prompt-tokens", str(args.prompt_tokens),
+        "--max-tokens", str(args.max_tokens),
+    ]
+    one, many = folder / "bench_1.json", folder / f"bench_{args.n}.json"
+    subprocess.run([sys.executable, tool, *common, "--out", str(one)], check=True, timeout=args.timeout)
+    launch = [
+        str(Path(sys.executable).parent / "mlx.launch"), "--backend", args.backend, "-n", str(args.n), "--python", sys.executable, "--",
+    ]
+    subprocess.run([*launch, tool, *common, "--out", str(many)], check=True, timeout=args.timeout)
+    load_json = lambda p: json.loads(Path(p).read_text())
+    sys.exit(0 if compare(load_json(one), load_json(many)) else 1)
+
+
+if __name__ == "__main__":
+    main()
