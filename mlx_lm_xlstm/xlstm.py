@@ -4,7 +4,7 @@ One model type, two architectures: xLSTM-7b ("large", mLSTM blocks) and the pape
 sLSTM/mLSTM block stack, told apart by the config (the paper's has `mlstm_block`/`slstm_block`).
 """
 
-from . import large
+from . import hf_config, large  # noqa: F401  (hf_config: see its docstring)
 
 # Base checkpoints ship no chat template: mlx-lm then uses chat_template.py (aliased by the hook).
 TOKENIZER_DEFAULTS = {"eos_token_ids": [0], "chat_template_type": "xlstm"}
