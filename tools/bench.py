@@ -1,0 +1,377 @@
+"""Side-by-side benchmark: mlx_lm_xlstm against transformers' xLSTM on the same shapes.
+
+    python tools/bench.py --shape tiny            # CPU, seconds
+    python tools/bench.py --shape 7b --reference  # GPU: random 7B weights, bf16 + 8/4-bit decode
+
+Our side is the package's Model with random weights (no download). The reference side
+(transformers' xLSTMForCausalLM, native kernels, and NX-AI's mlstm_kernels Triton kernels
+where installed) runs only where torch sees a CUDA device. Numbers:
+  prefill tok/s   whole prompt, fed in mlx-lm's 2048-token steps, state evaluated
+  step-loop tok/s the same prompt fed one token at a time (CPU shapes)
+  decode tok/s    greedy steps, all sequences together (batch x steps / time), eager and
+                  mx.compile'd, fused kernel on and off (MLX_XLSTM_KERNELS)
+  floor tok/s     MLX's bare matvec pass: every Linear of the model applied to a batch of
+                  random vectors, all evaluated together, no recurrence (the decode ceiling)
+  peak GiB        mx.get_peak_memory() over that measurement
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from mlx_lm_xlstm.large import Model, ModelArgs  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=512),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=2048),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_heads=8, vocab_size=50304),
+}
+PREFILL_STEP = 2048  # mlx-lm's default prefill_step_size
+GiB = 1024**3
+
+
+def build_model(shape, dtype, bits=None):
+    args = ModelArgs(model_type="xlstm", **SHAPES[shape])
+    model = Model(args)
+    # as mlx-lm's --dtype does: the gate projections stay fp32
+    keep = model.cast_predicate
+    model.update(tree_unflatten([(k, v.astype(dtype) if keep(k) else v) for k, v in tree_flatten(model.parameters())]))
+    if bits:
+        nn.quantize(
+            model,
+            group_size=64,
+            bits=bits,
+            class_predicate=lambda path, m: isinstance(m, (nn.Linear, nn.Embedding))
+            and model.quant_predicate(path, m)
+            and m.weight.shape[-1] % 64 == 0,
+        )
+    mx.eval(model.parameters())
+    return model
+
+
+def weight_bytes(model):
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def state_bytes(cache):
+    return sum(a.nbytes for c in cache for a in c.cache if a is not None)
+
+
+def timed(fn, repeat=3):
+    """Median seconds of fn() (fn evaluates its own results)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def with_peak(fn):
+    mx.eval()
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    result = fn()
+    return result, mx.get_peak_memory() / GiB
+
+
+def tokens(B, T, vocab, seed=0):
+    return mx.random.randint(0, vocab, (B, T), key=mx.random.key(seed))
+
+
+def prefill(model, prompt):
+    """Feed the prompt as mlx-lm does; return the last logits and the cache."""
+    cache = model.make_cache()
+    T = prompt.shape[1]
+    for start in range(0, T - 1, PREFILL_STEP):
+        model(prompt[:, start : min(start + PREFILL_STEP, T - 1)], cache=cache)
+        mx.eval([c.cache for c in cache])
+    logits = model(prompt[:, -1:], cache=cache)
+    mx.eval(logits, [c.cache for c in cache])
+    return logits, cache
+
+
+def prefill_tok_s(model, T, repeat=3):
+    prompt = tokens(1, T, model.args.vocab_size)
+    t, peak = with_peak(lambda: timed(lambda: prefill(model, prompt), repeat))
+    return T / t, peak
+
+
+def step_loop_tok_s(model, T):
+    prompt = tokens(1, T, model.args.vocab_size)
+
+    def loop():
+        cache = model.make_cache()
+        for t in range(T):
+            model(prompt[:, t : t + 1], cache=cache)
+            mx.async_eval([c.cache for c in cache])
+        mx.eval([c.cache for c in cache])
+
+    return T / timed(loop, repeat=1)
+
+
+def compiled_decoder(model):
+    """One greedy step as a pure function of (token, state), compiled."""
+
+    def step(y, states):
+        cache = model.make_cache()
+        for c, s in zip(cache, states):
+            c.cache = list(s)
+        logits = model(y, cache=cache)
+        return mx.argmax(logits[:, -1], axis=-1)[:, None], [c.cache for c in cache]
+
+    return mx.compile(step)
+
+
+def decode_tok_s(model, B, steps, compiled):
+    prompt = tokens(B, 8, model.args.vocab_size, seed=B)
+    logits, cache = prefill(model, prompt)
+    y = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    if compiled:
+        decoder = compiled_decoder(model)
+        state = [c.cache for c in cache]
+
+        def run(n):
+            nonlocal y, state
+            for _ in range(n):
+                y, state = decoder(y, state)
+                mx.async_eval(y, state)
+            mx.eval(y, state)
+
+    else:
+
+        def run(n):
+            nonlocal y
+            for _ in range(n):
+                y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
+                mx.async_eval(y)
+            mx.eval(y, [c.cache for c in cache])
+
+    run(3)
+    t = time.perf_counter()
+    run(steps)
+    elapsed = time.perf_counter() - t
+    finite = mx.all(mx.isfinite(cache[0][0])).item() if not compiled else mx.all(mx.isfinite(state[0][0])).item()
+    return B * steps / elapsed, finite
+
+
+def matvec_floor_tok_s(model, B):
+    """All the model's Linear layers on random inputs, evaluated together: one decode's
+    worth of weight traffic with no recurrence between layers."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+    xs = []
+    for j, layer in enumerate(layers):
+        width = layer.weight.shape[1] * (32 // layer.bits if hasattr(layer, "bits") else 1)
+        xs.append(mx.random.normal((B, width), key=mx.random.key(j)).astype(dtype))
+    mx.eval(xs)
+    t = timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]), repeat=10)
+    return B / t
+
+
+def with_kernels(on, fn):
+    saved = os.environ.get("MLX_XLSTM_KERNELS")
+    os.environ["MLX_XLSTM_KERNELS"] = "1" if on else "0"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ["MLX_XLSTM_KERNELS"]
+        else:
+            os.environ["MLX_XLSTM_KERNELS"] = saved
+
+
+# ---- reference side: transformers (+ mlstm_kernels Triton) -------------------------------
+
+
+def reference_rows(shape, lengths, batches, steps):
+    try:
+        import torch
+        from transformers import xLSTMConfig, xLSTMForCausalLM
+    except ImportError as e:
+        return [dict(system="transformers", note=f"not installed: {e}")]
+    if not torch.cuda.is_available():
+        return [dict(system="transformers", note="no CUDA device for torch")]
+    backends = {"native": {}}
+    try:
+        import mlstm_kernels  # noqa: F401
+
+        backends["triton"] = dict(
+            chunkwise_kernel="chunkwise--triton_limit_chunk",
+            sequence_kernel="native_sequence__triton",
+            step_kernel="triton",
+        )
+    except ImportError:
+        pass
+    rows = []
+    torch.manual_seed(0)
+    for name, kernels in backends.items():
+        config = xLSTMConfig(**SHAPES[shape], **kernels)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = xLSTMForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
+        row = dict(system=f"transformers {name}")
+        with torch.no_grad():
+            for T in lengths:
+                ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
+
+                def run():
+                    model(ids, use_cache=True)
+                    torch.cuda.synchronize()
+
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    row[f"prefill {T}"] = T / timed(run)
+                    row[f"peak GiB prefill {T}"] = torch.cuda.max_memory_allocated() / GiB
+                except Exception as e:  # the reference's own kernels may fail (Triton)
+                    row[f"prefill {T}"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+            for B in batches:
+                try:
+                    ids = torch.randint(0, config.vocab_size, (B, 8), device="cuda")
+                    out = model(ids, use_cache=True)
+                    cache = out.cache_params
+                    y = out.logits[:, -1].argmax(-1, keepdim=True)
+                    for n, record in ((3, False), (steps, True)):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        for _ in range(n):
+                            out = model(y, cache_params=cache, use_cache=True)
+                            cache = out.cache_params
+                            y = out.logits[:, -1].argmax(-1, keepdim=True)
+                        torch.cuda.synchronize()
+                        if record:
+                            row[f"decode B={B}"] = B * steps / (time.perf_counter() - t)
+                except Exception as e:
+                    row[f"decode B={B}"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+        rows.append(emit(row))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- our side ------------------------------------------------------------------------------
+
+
+def our_rows(shape, dtype, lengths, batches, steps, quant_bits, loop_len):
+    rows = []
+    model = build_model(shape, dtype)
+    row = dict(system=f"mlx_lm_xlstm {dtype_name(dtype)}", weights_GiB=weight_bytes(model) / GiB)
+    for T in lengths:
+        row[f"prefill {T}"], row[f"peak GiB prefill {T}"] = prefill_tok_s(model, T)
+    if loop_len:
+        row[f"step-loop {loop_len}"] = step_loop_tok_s(model, loop_len)
+        row[f"prefill {loop_len}"] = prefill_tok_s(model, loop_len)[0]
+    add_decode(row, model, batches, steps)
+    rows.append(emit(row))
+    for bits in quant_bits:
+        del model
+        gc.collect()
+        model = build_model(shape, dtype, bits)
+        row = dict(system=f"mlx_lm_xlstm {bits}-bit", weights_GiB=weight_bytes(model) / GiB)
+        add_decode(row, model, [1], steps)
+        rows.append(emit(row))
+    return rows, model
+
+
+def add_decode(row, model, batches, steps):
+    for B in batches:
+        floor = matvec_floor_tok_s(model, B)
+        row[f"floor B={B}"] = floor
+        for compiled in (False, True):
+            for kernel in (True, False):
+                label = f"decode B={B}{' compiled' if compiled else ''}{'' if kernel else ' ops'}"
+                (tok_s, finite), peak = with_peak(
+                    lambda: with_kernels(kernel, lambda: decode_tok_s(model, B, steps, compiled))
+                )
+                row[label] = tok_s
+                row[f"{label} / floor"] = tok_s / floor
+                row[f"peak GiB {label}"] = peak
+                assert finite, f"non-finite state in {label}"
+
+
+def long_prompt_rows(model, lengths):
+    """State size and NaN/inf check over long prompts (prefill in 2048-token steps)."""
+    row = dict(system="long prompts")
+    for T in lengths:
+        prompt = tokens(1, T, model.args.vocab_size, seed=T)
+        (logits, cache), peak = with_peak(lambda: prefill(model, prompt))
+        finite = mx.all(mx.isfinite(logits)).item() and all(
+            mx.all(mx.isfinite(a)).item() for c in cache for a in c.cache
+        )
+        row[f"T={T}"] = dict(peak_GiB=peak, state_MiB=state_bytes(cache) / 2**20, finite=finite)
+    return row
+
+
+def emit(row):
+    print(row["system"])
+    for k, v in row.items():
+        if k != "system":
+            print(f"  {k:40s} {v:,.3f}" if isinstance(v, float) else f"  {k:40s} {v}")
+    sys.stdout.flush()
+    return row
+
+
+def dtype_name(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--prefill", default=None, help="prompt lengths, comma-separated")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--steps", type=int, default=None, help="decode steps timed")
+    p.add_argument("--quant", default=None, help="bits for quantized decode, e.g. 8,4")
+    p.add_argument("--long", default="", help="long-prompt lengths for the state/NaN check")
+    p.add_argument("--reference", action="store_true", help="also run transformers (CUDA)")
+    p.add_argument("--json", default=None, help="write all numbers here")
+    a = p.parse_args()
+
+    big = a.shape == "7b"
+    dtype = getattr(mx, a.dtype or ("bfloat16" if big else "float32"))
+    lengths = [int(x) for x in (a.prefill or ("2048,8192" if big else "256,1024")).split(",")]
+    batches = [int(x) for x in a.batches.split(",")]
+    steps = a.steps or (64 if big else 32)
+    quant = [int(x) for x in (a.quant if a.quant is not None else ("8,4" if big else "")).split(",") if x]
+    loop_len = 0 if big else 256
+
+    from mlx_lm_xlstm.kernels import step
+
+    info = dict(
+        shape=a.shape,
+        dtype=dtype_name(dtype),
+        machine=platform.machine(),
+        device=str(mx.default_device()),
+        mlx=mx.__version__,
+        fused_step_kernel=step.kernel is not None,
+    )
+    print(json.dumps(info), flush=True)
+    rows = reference_rows(a.shape, lengths, batches, steps) if a.reference else []
+    ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
+    rows = ours + rows
+    if a.long:
+        del model
+        gc.collect()
+        model = build_model(a.shape, dtype)
+        rows.append(emit(long_prompt_rows(model, [int(x) for x in a.long.split(",")])))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
