@@ -4,7 +4,9 @@
 # Carry: .device_mlx/p2 .whl (mlstm_kernels wheel). Logs go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-bash .device_mlx/p2/install_mlx_cuda.sh 2 || exit 1
+# a warm machine may already have MLX's CUDA build
+python3 -c "import mlx.core as mx; assert mx.cuda.is_available()" 2>/dev/null \
+  || bash .device_mlx/p2/install_mlx_cuda.sh 2 || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
