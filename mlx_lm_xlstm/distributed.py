@@ -72,6 +72,8 @@ class BlockPipeline(PipelineMixin):
         return self.blocks
 
     def pipeline(self, group: mx.distributed.Group, split=None):
+        if len(self.blocks) < group.size():
+            raise ValueError(f"xLSTM pipeline: {len(self.blocks)} blocks cannot fill {group.size()} ranks")
         # PipelineMixin rebinds `self.layers`; run its split on a stand-in and take the result.
         stage = PipelineMixin()
         stage.layers = self.blocks

@@ -133,6 +133,8 @@ def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed:
         results.append({
             "model": path, "mode": mode if group.size() > 1 else "single", "ranks": group.size(),
             "tokens": tokens,
+            # What this rank holds: blocks (pipeline) and heads per mLSTM layer (tensor).
+            "local_blocks": len(model.layers), "local_heads": model.layers[0].mlstm_layer.num_heads,
             "prefill_tok_s": prompt_tokens / prefill_s,
             "decode_tok_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 else None,
             "peak_memory_gb_rank0": mx.get_peak_memory() / 1e9,

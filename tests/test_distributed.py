@@ -1,0 +1,103 @@
+"""Tensor and pipeline parallel over two ranks (ring backend, this machine): greedy tokens
+as in one process, for a bf16 and a 4-bit model; and the shapes that cannot be split."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import bench_distributed as bench
+from mlx_lm_xlstm import large
+
+TOOL = Path(bench.__file__)
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Random-weight tiny models (4 heads, 2 blocks): bf16, and 4-bit in groups of 32
+    that split over 2 ranks (fp32 scales, so the tokens do not hang on bf16 rounding)."""
+    root = tmp_path_factory.mktemp("dist")
+    bf16 = bench.make_model(root / "bf16", bench.SHAPES["tiny"], "bfloat16")
+    q4 = bench.make_model(
+        root / "q4", bench.SHAPES["tiny"], "float32", q_bits=4, q_group_size=32, tokenizer_from=bf16
+    )
+    return [bf16, q4]
+
+
+def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
+    cases = [f"{d}:{mode}" for d in model_dirs for mode in ("tensor", "pipeline")]
+    run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
+    out = tmp_path / "two.json"
+    cmd = [str(LAUNCH), "-n", "2", "--python", sys.executable, "--", str(TOOL), "run"]
+    for case in cases:
+        cmd += ["--case", case]
+    proc = subprocess.run([*cmd, *run_args, "--out", str(out)], capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    two = json.loads(out.read_text())["cases"]
+
+    one = bench.run_cases([f"{d}:single" for d in model_dirs], 40, 8, warmup=0)["cases"]
+    reference = {case["model"]: case["tokens"] for case in one}
+    for case in two:
+        tokens = reference[case["model"]]
+        assert len(set(tokens)) > 1, "a model that repeats one token would prove nothing"
+        assert case["ranks"] == 2
+        assert case["tokens"] == tokens, case
+        # Rank 0 holds half the heads (tensor) or the second of the two blocks (pipeline).
+        expected = (2, 2) if case["mode"] == "tensor" else (4, 1)
+        assert (case["local_heads"], case["local_blocks"]) == expected, case
+
+
+def two_ranks(size=2):
+    """Stands in for a group: the checks run before any communication."""
+    return SimpleNamespace(size=lambda: size, rank=lambda: 0)
+
+
+def tiny_model(**overrides):
+    config = {"model_type": "xlstm", **bench.SHAPES["tiny"], "vocab_size": 64, **overrides}
+    return large.Model(large.ModelArgs.from_dict(config))
+
+
+def test_heads_that_do_not_split():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="num_heads 4 does not split over 3 ranks"):
+        model.shard(two_ranks(3))
+    assert model.layers[0].mlstm_layer.num_heads == 4
+    assert isinstance(model.layers[0].mlstm_layer.q, nn.Linear)
+
+
+def test_ffn_width_that_does_not_split():
+    model = tiny_model(ffn_proj_factor=2.68, ffn_round_up_to_multiple_of=1)  # 64 x 2.68 -> 171
+    with pytest.raises(ValueError, match="FFN width 171 does not split over 2 ranks"):
+        model.shard(two_ranks())
+
+
+def test_quantized_groups_that_do_not_split():
+    # As xLSTM-7b's proj_down at 4-bit group 64 (171 groups): here 192 / 64 = 3 groups.
+    model = tiny_model(v_dim_factor=2.0)
+    nn.quantize(model, group_size=64, bits=4)
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.proj_down is quantized in 3 groups of 64.*2 ranks"):
+        model.shard(two_ranks())
+    assert isinstance(model.layers[0].mlstm_layer.q, nn.QuantizedLinear)
+    assert model.layers[0].mlstm_layer.num_heads == 4
+
+
+def test_more_ranks_than_blocks():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="2 blocks cannot fill 3 ranks"):
+        model.model.pipeline(two_ranks(3))
+    assert len(model.layers) == 2
+
+
+def test_one_rank_changes_nothing():
+    model = tiny_model()
+    x = mx.array([[3, 1, 4, 1, 5]])
+    before = model(x)
+    model.shard(mx.distributed.init())
+    model.model.pipeline(mx.distributed.init())
+    assert mx.allclose(model(x), before, atol=1e-6).item()
