@@ -43,7 +43,7 @@ _BODY = """
             n_out[bh * DQK + a] = n_a;
         }
         if (live) {
-            const size_t at = (size_t(bh) * DQK + a) * DV + d;
+            const size_t at = ((size_t)bh * DQK + a) * DV + d;
             const float c = f_act * C[at] + k_a * v_d;
             C_out[at] = c;
             num += q_a * c;
@@ -95,7 +95,9 @@ _CUDA = {
     "RSQRT": "rsqrtf",
     "SHARED": "__shared__",
     "BARRIER": "__syncthreads()",
-    "size_t": "size_t",
+    # NVRTC compiles without the host's headers: spell the integer types out.
+    "uint": "unsigned int",
+    "size_t": "unsigned long long",
 }
 
 
