@@ -7,7 +7,9 @@ The decode step uses the fused kernel of `step.py` when
   - the shapes and dtypes are ones the kernel takes (fp32 state, fp32/fp16/bf16 q, k, v),
   - the kernel matched the pure-MLX step on a small random input the first time it was asked for.
 The kernel has the pure-MLX step's VJP (`mx.custom_function`), so training through it is exact.
-Prefill stays on the pure-MLX chunkwise path: see BENCHMARKS.md for why.
+Otherwise, and for prefill, the pure-MLX cell runs under `mx.compile`, which fuses its
+elementwise ops (there is no prefill kernel: BENCHMARKS.md says why).
+MLX_XLSTM_KERNELS=0 forces the plain, uncompiled pure-MLX path.
 """
 
 import functools
@@ -28,7 +30,7 @@ _verified = {"step": None}
 
 
 def kernels_enabled() -> bool:
-    """False when the user forces the pure-MLX path with MLX_XLSTM_KERNELS=0."""
+    """False when the user forces the plain pure-MLX path with MLX_XLSTM_KERNELS=0."""
     return os.environ.get("MLX_XLSTM_KERNELS", "1").strip() != "0"
 
 
@@ -124,13 +126,17 @@ def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
     ):
         h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
         return h, (C, n, m)
-    return _ops_step(q, k, v, i, log_f, C, n, m, eps=eps)
-
-
-# The ops step is a dozen small elementwise ops around two matvecs: compiling fuses them.
-_ops_step = mx.compile(ops.mlstm_step)
+    step = _compiled_step if kernels_enabled() else ops.mlstm_step
+    return step(q, k, v, i, log_f, C, n, m, eps=eps)
 
 
 def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
     """Prefill; arguments and result as `mlx_lm_xlstm.mlstm.mlstm_chunkwise` (pure MLX)."""
-    return ops.mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
+    chunkwise = _compiled_chunkwise if kernels_enabled() else ops.mlstm_chunkwise
+    return chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
+
+
+# The cell is many small elementwise ops around a few matmuls (and, in prefill, a loop
+# over chunks): compiling fuses them into far fewer launches.
+_compiled_step = mx.compile(ops.mlstm_step)
+_compiled_chunkwise = mx.compile(ops.mlstm_chunkwise)
