@@ -7,6 +7,7 @@ Our side is the package's Model with random weights (no download). The reference
 (transformers' xLSTMForCausalLM, native kernels, and NX-AI's mlstm_kernels Triton kernels
 where installed) runs only where torch sees a CUDA device. Numbers:
   prefill tok/s   whole prompt, fed in mlx-lm's 2048-token steps, state evaluated
+                  ("ops": MLX_XLSTM_KERNELS=0, the plain uncompiled cell)
   step-loop tok/s the same prompt fed one token at a time (CPU shapes)
   decode tok/s    greedy steps, all sequences together (batch x steps / time), eager and
                   mx.compile'd, fused kernel on and off (MLX_XLSTM_KERNELS)
@@ -271,6 +272,7 @@ def our_rows(shape, dtype, lengths, batches, steps, quant_bits, loop_len):
     row = dict(system=f"mlx_lm_xlstm {dtype_name(dtype)}", weights_GiB=weight_bytes(model) / GiB)
     for T in lengths:
         row[f"prefill {T}"], row[f"peak GiB prefill {T}"] = prefill_tok_s(model, T)
+        row[f"prefill {T} ops"] = with_kernels(False, lambda: prefill_tok_s(model, T)[0])
     if loop_len:
         row[f"step-loop {loop_len}"] = step_loop_tok_s(model, loop_len)
         row[f"prefill {loop_len}"] = prefill_tok_s(model, loop_len)[0]
