@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
+from ..distributed import BlockPipeline
 from ..large import _check_weights
 from .components import _ACTIVATIONS, GatedFeedForward, LayerNorm, proj_up_dim, small_init
 from .mlstm_block import mLSTMLayer
@@ -179,7 +180,7 @@ class xLSTMBlock(nn.Module):
         return x
 
 
-class xLSTMBlockStack(nn.Module):
+class xLSTMBlockStack(BlockPipeline, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.blocks = [xLSTMBlock(args, i, kind == 1) for i, kind in enumerate(args.block_map)]
@@ -187,10 +188,13 @@ class xLSTMBlockStack(nn.Module):
             self.post_blocks_norm = LayerNorm(args.embedding_dim)
 
     def __call__(self, x, cache=None):
-        cache = cache or [None] * len(self.blocks)
+        blocks = self.pipeline_layers
+        cache = cache or [None] * len(blocks)
         mask = create_ssm_mask(x, cache[0])
-        for block, c in zip(self.blocks, cache):
+        x = self.receive_stage_input(x)
+        for block, c in zip(blocks, cache):
             x = block(x, mask, c)
+        x = self.pass_stage_output(x, cache)
         return self.post_blocks_norm(x) if "post_blocks_norm" in self else x
 
 
@@ -217,7 +221,12 @@ class Model(nn.Module):
 
     @property
     def layers(self):
-        return self.xlstm_block_stack.blocks
+        return self.xlstm_block_stack.pipeline_layers
+
+    @property
+    def model(self):
+        # Where mlx-lm's sharded_load looks for the pipeline layout.
+        return self.xlstm_block_stack
 
     def make_cache(self):
         return [ArraysCache(size=block.xlstm.cache_size) for block in self.layers]
