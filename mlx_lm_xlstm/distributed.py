@@ -63,7 +63,8 @@ def check_tensor_parallel(model, N: int):
 
 
 class BlockPipeline(PipelineMixin):
-    """mlx-lm's pipeline layout over `self.blocks`, the name the checkpoints use."""
+    """mlx-lm's pipeline layout over `self.blocks`, the name the checkpoints use
+    (xLSTM-7b's backbone and the paper's block stack)."""
 
     pipeline_group = None
 
@@ -97,7 +98,7 @@ class BlockPipeline(PipelineMixin):
             x = mx.distributed.send(x, self.pipeline_rank - 1, group=self.pipeline_group)
             if cache[-1] is not None:
                 # Evaluating the state then also runs the send.
-                cache[-1][2] = mx.depends(cache[-1][2], x)
+                cache[-1][0] = mx.depends(cache[-1][0], x)
         return mx.distributed.all_gather(x, group=self.pipeline_group)[: x.shape[0]]
 
 

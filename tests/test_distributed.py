@@ -1,7 +1,9 @@
 """Tensor and pipeline parallel over two ranks (ring backend, this machine): greedy tokens
-as in one process, for a bf16 and a 4-bit model; and the shapes that cannot be split."""
+as in one process, for a bf16 and a 4-bit xLSTM-7b-shaped model and the paper's stack
+(pipeline); and the shapes that cannot be split."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import mlx.nn as nn
 import pytest
 
 import bench_distributed as bench
+import fixtures
 from mlx_lm_xlstm import large
 
 TOOL = Path(bench.__file__)
@@ -27,11 +30,17 @@ def model_dirs(tmp_path_factory):
     q4 = bench.make_model(
         root / "q4", bench.SHAPES["tiny"], "float32", q_bits=4, q_group_size=32, tokenizer_from=bf16
     )
-    return [bf16, q4]
+    # The paper's sLSTM/mLSTM stack (3 blocks, sLSTM in the middle): pipeline only.
+    paper = root / "paper"
+    shutil.copytree(fixtures.FIXTURES / "paper_mixed", paper, ignore=shutil.ignore_patterns("golden.npz"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bf16 / name, paper / name)
+    return [bf16, q4, paper]
 
 
 def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
-    cases = [f"{d}:{mode}" for d in model_dirs for mode in ("tensor", "pipeline")]
+    bf16, q4, paper = model_dirs
+    cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")] + [f"{paper}:pipeline"]
     run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
     out = tmp_path / "two.json"
     cmd = [str(LAUNCH), "-n", "2", "--python", sys.executable, "--", str(TOOL), "run"]
@@ -48,8 +57,10 @@ def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
         assert len(set(tokens)) > 1, "a model that repeats one token would prove nothing"
         assert case["ranks"] == 2
         assert case["tokens"] == tokens, case
-        # Rank 0 holds half the heads (tensor) or the second of the two blocks (pipeline).
-        expected = (2, 2) if case["mode"] == "tensor" else (4, 1)
+        # Rank 0 holds half the heads (tensor) or the last blocks (pipeline).
+        expected = {"tensor": (2, 2), "pipeline": (4, 1)}[case["mode"]]
+        if case["model"] == str(paper):
+            expected = (None, 2)
         assert (case["local_heads"], case["local_blocks"]) == expected, case
 
 

@@ -104,6 +104,11 @@ def load_case(path: str, mode: str, group):
     raise ValueError(f"unknown mode '{mode}' (expected 'tensor' or 'pipeline')")
 
 
+def local_heads(model):
+    layer = getattr(model.layers[0], "mlstm_layer", None)  # None: the paper's stack (no tensor parallel)
+    return layer.num_heads if layer is not None else None
+
+
 def greedy(model, prompt: mx.array, max_tokens: int):
     """Tokens from mlx-lm's own generation loop, with prefill and decode times."""
     from mlx_lm.generate import generate_step
@@ -134,7 +139,7 @@ def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed:
             "model": path, "mode": mode if group.size() > 1 else "single", "ranks": group.size(),
             "tokens": tokens,
             # What this rank holds: blocks (pipeline) and heads per mLSTM layer (tensor).
-            "local_blocks": len(model.layers), "local_heads": model.layers[0].mlstm_layer.num_heads,
+            "local_blocks": len(model.layers), "local_heads": local_heads(model),
             "prefill_tok_s": prompt_tokens / prefill_s,
             "decode_tok_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 else None,
             "peak_memory_gb_rank0": mx.get_peak_memory() / 1e9,
