@@ -237,6 +237,8 @@ class Model(nn.Module):
         first = cache[0] if cache else None
         mask = create_ssm_mask(inputs, first)
         fresh = first is None or first.empty()
+        if not fresh:
+            _check_cache(self, cache)
         with_bos = self.args.force_bos_token_insert and fresh
         if with_bos:
             inputs, mask = self._insert_bos(inputs, mask)
@@ -321,6 +323,20 @@ class Model(nn.Module):
     @property
     def cast_predicate(self):
         return lambda path: not ("igate_preact" in path or "fgate_preact" in path)
+
+
+def _check_cache(model: "Model", cache: list):
+    """A prompt cache saved with another model fails here, naming the shapes, not deep in the cell."""
+    args = model.args
+    expected = (model.layers[0].mlstm_layer.num_heads, args.qk_dim // args.num_heads, args.v_dim // args.num_heads)
+    first = cache[0]
+    found = tuple(first[0].shape[1:]) if isinstance(first, ArraysCache) else type(first).__name__
+    if len(cache) != len(model.layers) or found != expected:
+        raise ValueError(
+            f"xLSTM: the prompt cache does not fit this model (saved with another one?): it holds "
+            f"{len(cache)} layers with state C {found} per sequence; the model needs "
+            f"{len(model.layers)} layers with C (heads, Dqk, Dv) = {expected}"
+        )
 
 
 def _check_weights(model: nn.Module, weights: dict):
