@@ -4,6 +4,7 @@ as in one process, for a bf16 and a 4-bit xLSTM-7b-shaped model and the paper's 
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,11 @@ def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
     cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")] + [f"{paper}:pipeline"]
     run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
     out = tmp_path / "two.json"
-    cmd = [str(LAUNCH), "-n", "2", "--python", sys.executable, "--", str(TOOL), "run"]
+    # A free port, so that two test runs on one machine do not meet.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(LAUNCH), "-n", "2", "-p", str(port), "--python", sys.executable, "--", str(TOOL), "run"]
     for case in cases:
         cmd += ["--case", case]
     proc = subprocess.run([*cmd, *run_args, "--out", str(out)], capture_output=True, text=True, timeout=150)
@@ -64,7 +69,7 @@ def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
         assert (case["local_heads"], case["local_blocks"]) == expected, case
 
 
-def two_ranks(size=2):
+def group_of_size(size=2):
     """Stands in for a group: the checks run before any communication."""
     return SimpleNamespace(size=lambda: size, rank=lambda: 0)
 
@@ -77,7 +82,7 @@ def tiny_model(**overrides):
 def test_heads_that_do_not_split():
     model = tiny_model()
     with pytest.raises(ValueError, match="num_heads 4 does not split over 3 ranks"):
-        model.shard(two_ranks(3))
+        model.shard(group_of_size(3))
     assert model.layers[0].mlstm_layer.num_heads == 4
     assert isinstance(model.layers[0].mlstm_layer.q, nn.Linear)
 
@@ -85,7 +90,7 @@ def test_heads_that_do_not_split():
 def test_ffn_width_that_does_not_split():
     model = tiny_model(ffn_proj_factor=2.68, ffn_round_up_to_multiple_of=1)  # 64 x 2.68 -> 171
     with pytest.raises(ValueError, match="FFN width 171 does not split over 2 ranks"):
-        model.shard(two_ranks())
+        model.shard(group_of_size())
 
 
 def test_quantized_groups_that_do_not_split():
@@ -93,7 +98,7 @@ def test_quantized_groups_that_do_not_split():
     model = tiny_model(v_dim_factor=2.0)
     nn.quantize(model, group_size=64, bits=4)
     with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.proj_down is quantized in 3 groups of 64.*2 ranks"):
-        model.shard(two_ranks())
+        model.shard(group_of_size())
     assert isinstance(model.layers[0].mlstm_layer.q, nn.QuantizedLinear)
     assert model.layers[0].mlstm_layer.num_heads == 4
 
@@ -101,7 +106,7 @@ def test_quantized_groups_that_do_not_split():
 def test_more_ranks_than_blocks():
     model = tiny_model()
     with pytest.raises(ValueError, match="2 blocks cannot fill 3 ranks"):
-        model.model.pipeline(two_ranks(3))
+        model.model.pipeline(group_of_size(3))
     assert len(model.layers) == 2
 
 
