@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_lm.utils import quantize_model
 
 import bench_distributed as bench
 import fixtures
@@ -93,14 +94,28 @@ def test_ffn_width_that_does_not_split():
         model.shard(group_of_size())
 
 
+def xlstm_7b():
+    """The real shape; the weights stay lazy, so nothing is computed."""
+    return large.Model(large.ModelArgs.from_dict({"model_type": "xlstm", **bench.SHAPES["7b"]}))
+
+
+def test_7b_shard_shapes():
+    model = xlstm_7b()
+    model.shard(group_of_size(2))
+    layer, ffn = model.layers[0].mlstm_layer, model.layers[0].ffn
+    assert layer.num_heads == 4
+    assert (layer.q.weight.shape, layer.v.weight.shape, layer.igate_preact.bias.shape) == ((1024, 4096), (2048, 4096), (4,))
+    assert (layer.multihead_norm.weight.shape, layer.out_proj.weight.shape) == ((2048,), (4096, 2048))
+    assert (ffn.proj_up_gate.weight.shape, ffn.proj_down.weight.shape) == ((5472, 4096), (4096, 5472))
+
+
 def test_quantized_groups_that_do_not_split():
-    # As xLSTM-7b's proj_down at 4-bit group 64 (171 groups): here 192 / 64 = 3 groups.
-    model = tiny_model(v_dim_factor=2.0)
-    nn.quantize(model, group_size=64, bits=4)
-    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.proj_down is quantized in 3 groups of 64.*2 ranks"):
-        model.shard(group_of_size())
+    # 4-bit group 64, as `mlx_lm convert -q` makes it: proj_down has 10944 / 64 = 171 groups.
+    model, _ = quantize_model(xlstm_7b(), {}, group_size=64, bits=4)
+    with pytest.raises(ValueError, match=r"blocks\.0\.ffn\.proj_down is quantized in 171 groups of 64.*2 ranks"):
+        model.shard(group_of_size(2))
     assert isinstance(model.layers[0].mlstm_layer.q, nn.QuantizedLinear)
-    assert model.layers[0].mlstm_layer.num_heads == 4
+    assert model.layers[0].mlstm_layer.num_heads == 8
 
 
 def test_more_ranks_than_blocks():
