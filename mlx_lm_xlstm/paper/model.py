@@ -64,20 +64,26 @@ class sLSTMBlockArgs:
     feedforward: Optional[FeedForwardArgs] = field(default_factory=FeedForwardArgs)
 
 
+# The dataclass of each nested block config.
+_NESTED = {
+    mLSTMBlockArgs: {"mlstm": mLSTMLayerArgs},
+    sLSTMBlockArgs: {"slstm": sLSTMLayerArgs, "feedforward": FeedForwardArgs},
+}
+
+
 def _parse(cls, value, where: str):
-    """A nested config dict -> its dataclass; keys the model does not need (derived sizes,
-    dtypes, kernel options) are dropped, as mlx-lm drops unknown top-level keys."""
-    if value is None or dataclasses.is_dataclass(value):
+    """A nested config dict -> its dataclass. Keys the model does not need (sizes derived
+    from others, dtypes, kernel options) are dropped, as mlx-lm drops unknown top-level keys."""
+    if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, dict):
         raise ValueError(f"xLSTM config: '{where}' must be a dict, got {type(value).__name__}")
+    nested = _NESTED.get(cls, {})
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in value:
             sub = value[f.name]
-            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-                sub = _parse(f.default_factory, sub, f"{where}.{f.name}")
-            kwargs[f.name] = sub
+            kwargs[f.name] = _parse(nested[f.name], sub, f"{where}.{f.name}") if f.name in nested else sub
     return cls(**kwargs)
 
 

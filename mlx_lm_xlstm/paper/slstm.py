@@ -104,11 +104,9 @@ class sLSTMLayer(nn.Module):
         return 5 if "conv1d" in self else 4
 
     def __call__(self, x, mask=None, cache=None):
-        B, T, D = x.shape
-        s = 0
-        state = None
-        if "conv1d" in self:
-            s = 1
+        B, T, _ = x.shape
+        has_conv = "conv1d" in self
+        if has_conv:
             conv_in = x if mask is None else mx.where(mask[..., None], x, 0)
             if cache is not None:
                 x_conv, conv_state = self.conv1d(conv_in, cache[0], cache.lengths)
@@ -117,17 +115,19 @@ class sLSTMLayer(nn.Module):
             x_conv = nn.silu(x_conv)
         else:
             x_conv = x
-        if cache is not None and cache[s] is not None:
-            state = tuple(cache[s + j] for j in range(4))
+        slots = range(int(has_conv), int(has_conv) + 4)  # y, c, n, m
+        state = None
+        if cache is not None and cache[slots[0]] is not None:
+            state = tuple(cache[j] for j in slots)
 
         heads = lambda g: g.reshape(B, T, self.num_heads, 1, -1)
         gates = (self.fgate(x_conv), self.igate(x_conv), self.zgate(x), self.ogate(x))
         wx = mx.concatenate([heads(g) for g in gates], axis=3)
         y, state = self.slstm_cell(wx, mask, state)
         if cache is not None:
-            if s:
+            if has_conv:
                 cache[0] = conv_state
-            for j in range(4):
-                cache[s + j] = state[j]
+            for j, value in zip(slots, state):
+                cache[j] = value
             cache.advance(T)
         return self.group_norm(self.dropout(y)).astype(x.dtype)
