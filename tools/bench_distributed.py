@@ -110,17 +110,21 @@ def local_heads(model):
 
 
 def greedy(model, prompt: mx.array, max_tokens: int):
-    """Tokens from mlx-lm's own generation loop, with prefill and decode times."""
+    """Tokens from mlx-lm's own generation loop, prefill and decode times, and the gap
+    between the two best log-probabilities at each step (how close greedy was to a tie)."""
     from mlx_lm.generate import generate_step
 
-    tokens = []
+    tokens, logprobs = [], []
     start = time.perf_counter()
-    for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
+    for token, lp in generate_step(prompt, model, max_tokens=max_tokens):
         if not tokens:
             first = time.perf_counter()
         tokens.append(int(token))
+        logprobs.append(lp)
     end = time.perf_counter()
-    return tokens, first - start, end - first
+    top2 = mx.topk(mx.stack(logprobs).astype(mx.float32), 2, axis=-1)
+    margins = mx.abs(top2[:, 1] - top2[:, 0]).tolist()
+    return tokens, margins, first - start, end - first
 
 
 def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed: int = 0):
@@ -134,10 +138,10 @@ def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed:
         for _ in range(warmup):
             greedy(model, prompt[: 2 * model.args.chunk_size], 4)
         mx.reset_peak_memory()
-        tokens, prefill_s, decode_s = greedy(model, prompt, max_tokens)
+        tokens, margins, prefill_s, decode_s = greedy(model, prompt, max_tokens)
         results.append({
             "model": path, "mode": mode if group.size() > 1 else "single", "ranks": group.size(),
-            "tokens": tokens,
+            "tokens": tokens, "top2_margins": [round(m, 4) for m in margins],
             # What this rank holds: blocks (pipeline) and heads per mLSTM layer (tensor).
             "local_blocks": len(model.layers), "local_heads": local_heads(model),
             "prefill_tok_s": prompt_tokens / prefill_s,
@@ -161,7 +165,8 @@ def compare(reference: dict, other: dict) -> bool:
         same = ref["tokens"] == case["tokens"]
         if not same:
             i = next(i for i, (a, b) in enumerate(zip(ref["tokens"], case["tokens"])) if a != b)
-            print(f"  DIFFER from token {i}")
+            margin = ref["top2_margins"][i]
+            print(f"  DIFFER from token {i} (one process's top-2 log-prob gap there: {margin})")
         else:
             print("  identical")
         ok &= same
