@@ -196,7 +196,7 @@ def with_kernels(on, fn):
 # ---- reference side: transformers (+ mlstm_kernels Triton) -------------------------------
 
 
-def reference_rows(shape, lengths, batches, steps):
+def reference_rows(shape, lengths, batches, steps, wanted):
     try:
         import torch
         from transformers import xLSTMConfig, xLSTMForCausalLM
@@ -215,10 +215,13 @@ def reference_rows(shape, lengths, batches, steps):
         )
     except ImportError:
         pass
+    backends = {k: v for k, v in backends.items() if k in wanted}
     rows = []
     torch.manual_seed(0)
     for name, kernels in backends.items():
-        config = xLSTMConfig(**SHAPES[shape], **kernels)
+        config = xLSTMConfig(**SHAPES[shape])
+        for key, value in kernels.items():  # names transformers' config validation does not list
+            object.__setattr__(config, key, value)
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
             model = xLSTMForCausalLM(config).eval()
@@ -339,7 +342,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="decode steps timed")
     p.add_argument("--quant", default=None, help="bits for quantized decode, e.g. 8,4")
     p.add_argument("--long", default="", help="long-prompt lengths for the state/NaN check")
-    p.add_argument("--reference", action="store_true", help="also run transformers (CUDA)")
+    p.add_argument("--reference", default="", help="transformers backends to run too (CUDA): native,triton")
     p.add_argument("--json", default=None, help="write all numbers here")
     a = p.parse_args()
 
@@ -362,7 +365,7 @@ def main():
         fused_step_kernel=step.kernel is not None,
     )
     print(json.dumps(info), flush=True)
-    rows = reference_rows(a.shape, lengths, batches, steps) if a.reference else []
+    rows = reference_rows(a.shape, lengths, batches, steps, a.reference.split(",")) if a.reference else []
     ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
     rows = ours + rows
     if a.long:
