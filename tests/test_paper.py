@@ -68,9 +68,11 @@ def test_golden_logits(name):
 # --- parity with the live reference (vanilla sLSTM backend on CPU) ---------------------------
 
 LIVE = {
-    "mixed_2_of_3": dict(num_blocks=3, slstm_at=[0, 2], mlstm=dict(num_heads=4, qkv_proj_blocksize=2)),
+    "mixed_2_of_3_dropout": dict(num_blocks=3, slstm_at=[0, 2], mlstm=dict(num_heads=4, qkv_proj_blocksize=2),
+                                 dropout=0.1, add_embedding_dropout=True),  # dropout is off in eval mode
     "mlstm_only_bias": dict(num_blocks=2, slstm=None, bias=True, mlstm=dict(conv1d_kernel_size=2)),
-    "slstm_only_cuda": dict(num_blocks=2, mlstm=None, backend="cuda", slstm=dict(num_heads=1)),
+    "slstm_only_cuda": dict(num_blocks=2, mlstm=None, backend="cuda", slstm=dict(num_heads=1),
+                            ffn=dict(act_fn="relu^2", round_proj_up_dim_up=False)),
     "slstm_no_ffn_tied": dict(num_blocks=2, slstm_at=[1], tie_weights=True, embedding_dim=24, ffn=None),
 }
 
