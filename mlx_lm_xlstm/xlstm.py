@@ -7,7 +7,8 @@ sLSTM/mLSTM block stack, told apart by the config (the paper's has `mlstm_block`
 from . import hf_config, large  # noqa: F401  (hf_config: see its docstring)
 
 # Base checkpoints ship no chat template: mlx-lm then uses chat_template.py (aliased by the hook).
-TOKENIZER_DEFAULTS = {"eos_token_ids": [0], "chat_template_type": "xlstm"}
+# No eos default: large.ModelArgs.from_dict sets xLSTM-7b's, paper models keep their tokenizer's.
+TOKENIZER_DEFAULTS = {"chat_template_type": "xlstm"}
 
 
 def _is_paper(config: dict) -> bool:
