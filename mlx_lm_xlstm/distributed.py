@@ -53,13 +53,22 @@ def check_tensor_parallel(model, N: int):
         for name, linear in (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.proj_down", block.ffn.proj_down)):
             # A quantized layer split along its input needs whole groups on every rank.
             if isinstance(linear, nn.QuantizedLinear) and linear.scales.shape[-1] % N:
-                groups = linear.scales.shape[-1]
+                groups, size = linear.scales.shape[-1], linear.group_size
                 raise ValueError(
                     f"xLSTM tensor parallel: backbone.blocks.{i}.{name} is quantized in {groups} "
-                    f"groups of {linear.group_size} along its input, which do not split over {N} "
-                    "ranks; quantize with a group size that makes the count divisible "
-                    "(e.g. --q-group-size 32) or keep this layer unquantized"
+                    f"groups of {size} along its input, which do not split over {N} ranks; "
+                    f"{_group_sizes_that_split(groups * size, N)}"
                 )
+
+
+def _group_sizes_that_split(width: int, N: int) -> str:
+    fits = [g for g in (32, 64, 128) if width % g == 0 and (width // g) % N == 0]
+    # mlx-lm's quantize leaves a layer in float when the group size does not divide its input.
+    floats = [g for g in (32, 64, 128) if width % g and width % N == 0]
+    hint = f"--q-group-size {' or '.join(map(str, fits))} splits" if fits else "no group size splits"
+    if floats:
+        hint += f"; at {' or '.join(map(str, floats))} mlx-lm keeps this layer in float, which splits"
+    return hint
 
 
 class BlockPipeline(PipelineMixin):
