@@ -50,7 +50,8 @@ def check_tensor_parallel(model, N: int):
     if args.ffn_dim % N:
         raise ValueError(f"xLSTM tensor parallel: FFN width {args.ffn_dim} does not split over {N} ranks")
     for i, block in enumerate(model.layers):
-        for name, linear in (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.proj_down", block.ffn.proj_down)):
+        split_inputs = (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.proj_down", block.ffn.proj_down))
+        for name, linear in split_inputs:
             # A quantized layer split along its input needs whole groups on every rank.
             if isinstance(linear, nn.QuantizedLinear) and linear.scales.shape[-1] % N:
                 groups, size = linear.scales.shape[-1], linear.group_size
@@ -111,7 +112,9 @@ class BlockPipeline(PipelineMixin):
         return mx.distributed.all_gather(x, group=self.pipeline_group)[: x.shape[0]]
 
 
-def pipeline_load(path_or_repo: str, group: Optional[mx.distributed.Group] = None, split: Optional[List[int]] = None):
+def pipeline_load(
+    path_or_repo: str, group: Optional[mx.distributed.Group] = None, split: Optional[List[int]] = None
+):
     """`mlx_lm.utils.sharded_load(path, pipeline_group=group)` for xLSTM checkpoints.
 
     sharded_load matches tensors to pipeline stages by a `layers.N.` pattern in their

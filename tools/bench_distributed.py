@@ -39,7 +39,9 @@ SHAPES = {
 TOKENIZER_VOCAB = 320
 
 
-def make_model(path, shape: dict, dtype="bfloat16", q_bits=None, q_group_size=None, seed=0, tokenizer_from=None):
+def make_model(
+    path, shape: dict, dtype="bfloat16", q_bits=None, q_group_size=None, seed=0, tokenizer_from=None
+):
     """A loadable folder with random weights: config.json in transformers' names,
     safetensors (+ index) written by mlx-lm, the fixtures' byte-level tokenizer
     (copied from the folder `tokenizer_from` if given)."""
@@ -159,7 +161,8 @@ def compare(reference: dict, other: dict) -> bool:
     for ref, case in zip(reference["cases"], other["cases"]):
         for r in (ref, case):
             decode = f"{r['decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
-            print(f"{Path(r['model']).name:<28} {r['mode']:<9} {r['ranks']:>5} {r['prefill_tok_s']:>14.1f} {decode:>13}", end="")
+            name = Path(r["model"]).name
+            print(f"{name:<28} {r['mode']:<9} {r['ranks']:>5} {r['prefill_tok_s']:>14.1f} {decode:>13}", end="")
             if r is ref:
                 print()
         same = ref["tokens"] == case["tokens"]
@@ -232,7 +235,8 @@ def run_all(args):
     one, many = folder / "bench_1.json", folder / f"bench_{args.n}.json"
     subprocess.run([sys.executable, tool, *common, "--out", str(one)], check=True, timeout=args.timeout)
     launch = [
-        str(Path(sys.executable).parent / "mlx.launch"), "--backend", args.backend, "-n", str(args.n), "--python", sys.executable, "--",
+        str(Path(sys.executable).parent / "mlx.launch"), "--backend", args.backend, "-n", str(args.n),
+        "--python", sys.executable, "--",
     ]
     subprocess.run([*launch, tool, *common, "--out", str(many)], check=True, timeout=args.timeout)
     load_json = lambda p: json.loads(Path(p).read_text())
