@@ -1,0 +1,222 @@
+"""What an xLSTM model folder holds, and how fast it can decode at best.
+
+    python -m mlx_lm_xlstm.info MODEL_DIR [--bandwidth-gbs 400 800]
+    python -m mlx_lm_xlstm.info tools/xlstm_7b_config.json --dtype bfloat16 --bits 4
+
+MODEL is a model folder or a config.json alone (config-only: sizes are predicted from the
+dims). Decode reads every weight once per token (the embedding table only one row) and the
+recurrent state twice (read and write), so tok/s <= bandwidth / those bytes.
+Nothing is materialised: the model is built lazily and never evaluated.
+"""
+
+import argparse
+import json
+import struct
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from . import xlstm
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def read_config(path) -> dict:
+    """config.json of a model folder, or a config file given directly."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no model folder with a config.json, nor a config file")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if config.get("model_type") != "xlstm":
+        raise ValueError(f"{file}: model_type is {config.get('model_type')!r}, expected 'xlstm'")
+    return config
+
+
+def safetensors_bytes(folder: Path) -> dict:
+    """Tensor name -> (dtype, bytes), read from the safetensors headers alone."""
+    tensors = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, t in header.items():
+            if name != "__metadata__":
+                tensors[name] = (t["dtype"], t["data_offsets"][1] - t["data_offsets"][0])
+    return tensors
+
+
+def skeleton(config: dict, dtype: str = None, quantization: dict = None):
+    """The model as mlx-lm would hold it (cast as `convert --dtype` casts, quantized as the
+    config's `quantization` says), built lazily: shapes and dtypes only."""
+    model = xlstm.Model(xlstm.ModelArgs.from_dict(dict(config)))
+    if dtype:
+        keep = getattr(model, "cast_predicate", lambda path: True)
+        model.update(
+            tree_map_with_path(
+                lambda path, v: v.astype(getattr(mx, dtype)) if keep(path) and mx.issubdtype(v.dtype, mx.floating) else v,
+                model.parameters(),
+            )
+        )
+    if quantization:
+        quantize_like_mlx_lm(model, quantization)
+    return model
+
+
+def quantize_like_mlx_lm(model, quantization: dict):
+    """mlx-lm's rules: a per-layer entry wins; otherwise a layer is quantized if it can be,
+    its input width is a multiple of the group size and the model's quant_predicate agrees."""
+    group_size, bits = quantization["group_size"], quantization["bits"]
+    predicate = getattr(model, "quant_predicate", lambda path, module: True)
+
+    def choose(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        return predicate(path, module)
+
+    nn.quantize(model, group_size, bits, mode=quantization.get("mode", "affine"), class_predicate=choose)
+
+
+def state_arrays(model) -> list:
+    """Per layer, the cache arrays one sequence carries, from one lazy decode step."""
+    cache = model.make_cache()
+    model(mx.zeros((1, 1), mx.int32), cache)
+    return [[a for _, a in tree_flatten(c.state) if isinstance(a, mx.array)] for c in cache]
+
+
+def architecture(args) -> dict:
+    if hasattr(args, "qk_dim"):  # xLSTM-7b ("large")
+        H = args.num_heads
+        return dict(
+            kind="large (xLSTM-7b mLSTM blocks)", blocks=args.num_hidden_layers, heads=H,
+            hidden_size=args.hidden_size, qk_head_dim=args.qk_dim // H, v_head_dim=args.v_dim // H,
+            ffn_dim=args.ffn_dim, vocab_size=args.vocab_size, chunk_size=args.chunk_size,
+        )
+    fields = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, list)) and not k.startswith("_")}
+    return dict(kind="paper (sLSTM/mLSTM block stack)", **fields)
+
+
+def describe(path, dtype: str = None, quantization: dict = None) -> dict:
+    """Architecture, sizes and state of the model at `path` (a folder or a config file).
+
+    `dtype`/`quantization` ask what a conversion would give (config-only prediction);
+    without them a folder's own safetensors are measured."""
+    path = Path(path)
+    config = read_config(path)
+    quantization = quantization or config.get("quantization")
+    stored = safetensors_bytes(path) if path.is_dir() and not dtype and quantization is config.get("quantization") else {}
+    dtype = dtype or config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+
+    plain = xlstm.Model(xlstm.ModelArgs.from_dict(dict(config)))
+    model = skeleton(config, None if stored else dtype, None if stored else quantization)
+    embedding = next(p for p, m in plain.named_modules() if isinstance(m, nn.Embedding))
+    if stored:
+        weight_bytes = sum(b for _, b in stored.values())
+        embedding_bytes = sum(b for k, (_, b) in stored.items() if k.startswith(embedding + "."))
+        by_dtype = {}
+        for t, b in stored.values():
+            by_dtype[t] = by_dtype.get(t, 0) + b
+    else:
+        params = tree_flatten(model.parameters())
+        weight_bytes = sum(v.nbytes for _, v in params)
+        embedding_bytes = sum(v.nbytes for k, v in params if k.startswith(embedding + "."))
+        by_dtype = {}
+        for _, v in params:
+            by_dtype[str(v.dtype).split(".")[-1]] = by_dtype.get(str(v.dtype).split(".")[-1], 0) + v.nbytes
+    vocab = plain.args.vocab_size
+    state = state_arrays(plain)
+    state_bytes = sum(a.nbytes for layer in state for a in layer)
+    token_bytes = weight_bytes - embedding_bytes + embedding_bytes // vocab + 2 * state_bytes
+    return dict(
+        path=str(path),
+        source="safetensors" if stored else "config",
+        architecture=architecture(plain.args),
+        parameters=sum(v.size for _, v in tree_flatten(plain.parameters())),
+        dtype=dtype,
+        bytes_by_dtype=by_dtype,
+        quantization=quantization,
+        weight_bytes=weight_bytes,
+        embedding_bytes=embedding_bytes,
+        state_bytes=state_bytes,
+        state_layer=[dict(shape=list(a.shape), dtype=str(a.dtype).split(".")[-1], bytes=a.nbytes) for a in state[0]],
+        bytes_per_token=token_bytes,
+    )
+
+
+def decode_bound(info: dict, bandwidth_gbs: float) -> float:
+    """Upper bound of decode tokens/s at `bandwidth_gbs` GB/s (batch 1)."""
+    return bandwidth_gbs * 1e9 / info["bytes_per_token"]
+
+
+def describe_quantization(q) -> str:
+    if not q:
+        return "none"
+    layers = {k: v for k, v in q.items() if isinstance(v, (dict, bool))}
+    text = f"{q.get('mode', 'affine')} {q['bits']}-bit, group size {q['group_size']}"
+    if layers:
+        counts = {}
+        for v in layers.values():
+            key = f"{v['bits']}-bit" if isinstance(v, dict) else ("default" if v else "kept float")
+            counts[key] = counts.get(key, 0) + 1
+        text += " (per layer: " + ", ".join(f"{n} at {k}" for k, n in sorted(counts.items())) + ")"
+    return text
+
+
+def report(info: dict, bandwidths=(400.0,)) -> str:
+    a = info["architecture"]
+    gb = lambda b: f"{b / 1e9:.3f} GB"
+    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    arch = ", ".join(f"{k} {v}" for k, v in a.items() if k != "kind")
+    lines = [
+        f"model:          {info['path']}  (sizes from {info['source']})",
+        f"architecture:   {a['kind']}: {arch}",
+        f"parameters:     {info['parameters']:,}",
+        f"dtype:          {info['dtype']}  (bytes by dtype: "
+        + ", ".join(f"{k} {gb(v)}" for k, v in sorted(info["bytes_by_dtype"].items())) + ")",
+        f"quantization:   {describe_quantization(info['quantization'])}",
+        f"weight bytes:   {gb(info['weight_bytes'])} ({info['weight_bytes']:,} B; embedding table {gb(info['embedding_bytes'])})",
+        f"state/sequence: {mib(info['state_bytes'])} ({info['state_bytes']:,} B) = {info['architecture'].get('blocks', '')} layers x ("
+        + " + ".join(f"{'x'.join(map(str, s['shape']))} {s['dtype']}" for s in info["state_layer"]) + ")",
+        f"read per token: {gb(info['bytes_per_token'])} (weights without the embedding table, one embedding row, state read + write)",
+    ]
+    for bw in bandwidths:
+        lines.append(f"decode bound:   {decode_bound(info, bw):,.1f} tok/s at {bw:g} GB/s")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_xlstm.info", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="model folder, or a config.json alone")
+    parser.add_argument("--bandwidth-gbs", type=float, nargs="+", default=[400.0], help="memory bandwidth(s) in GB/s")
+    parser.add_argument("--dtype", choices=DTYPES, help="predict for weights cast to this dtype")
+    parser.add_argument("--bits", type=int, help="predict for weights quantized to this many bits")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    a = parser.parse_args(argv)
+    quantization = dict(group_size=a.group_size, bits=a.bits, mode=a.mode) if a.bits else None
+    try:
+        info = describe(a.model, a.dtype, quantization)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if a.json:
+        info["decode_bound_tok_s"] = {str(bw): decode_bound(info, bw) for bw in a.bandwidth_gbs}
+        print(json.dumps(info, indent=2))
+    else:
+        print(report(info, a.bandwidth_gbs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
