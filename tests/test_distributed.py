@@ -26,23 +26,28 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """Random-weight tiny models (4 heads, 2 blocks): bf16, and 4-bit in groups of 32
-    that split over 2 ranks (fp32 scales, so the tokens do not hang on bf16 rounding)."""
+    that split over 2 ranks (fp32 scales, so the tokens do not hang on bf16 rounding);
+    transformers' fused-weight checkpoint with biases everywhere (4 heads); the paper's
+    sLSTM/mLSTM stack (3 blocks, sLSTM in the middle)."""
     root = tmp_path_factory.mktemp("dist")
     bf16 = bench.make_model(root / "bf16", bench.SHAPES["tiny"], "bfloat16")
     q4 = bench.make_model(
         root / "q4", bench.SHAPES["tiny"], "float32", q_bits=4, q_group_size=32, tokenizer_from=bf16
     )
-    # The paper's sLSTM/mLSTM stack (3 blocks, sLSTM in the middle): pipeline only.
-    paper = root / "paper"
-    shutil.copytree(fixtures.FIXTURES / "paper_mixed", paper, ignore=shutil.ignore_patterns("golden.npz"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bf16 / name, paper / name)
-    return [bf16, q4, paper]
+    committed = []
+    for name in ("fused_bias", "paper_mixed"):
+        folder = root / name
+        shutil.copytree(fixtures.FIXTURES / name, folder, ignore=shutil.ignore_patterns("golden.npz"))
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(bf16 / file, folder / file)
+        committed.append(folder)
+    return [bf16, q4, *committed]
 
 
 def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
-    bf16, q4, paper = model_dirs
-    cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")] + [f"{paper}:pipeline"]
+    bf16, q4, fused_bias, paper = model_dirs
+    cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")]
+    cases += [f"{fused_bias}:tensor", f"{paper}:pipeline"]
     run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
     out = tmp_path / "two.json"
     # A free port, so that two test runs on one machine do not meet.
