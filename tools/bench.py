@@ -205,8 +205,9 @@ def reference_rows(shape, lengths, batches, steps, wanted):
     if not torch.cuda.is_available():
         return [dict(system="transformers", note="no CUDA device for torch")]
     backends = {"native": {}}
-    try:
+    try:  # transformers takes the Triton kernels only through NX-AI's xlstm package
         import mlstm_kernels  # noqa: F401
+        import xlstm  # noqa: F401
 
         backends["triton"] = dict(
             chunkwise_kernel="chunkwise--triton_limit_chunk",
@@ -215,8 +216,8 @@ def reference_rows(shape, lengths, batches, steps, wanted):
         )
     except ImportError:
         pass
+    rows = [dict(system=f"transformers {k}", note="not installed") for k in wanted if k not in backends]
     backends = {k: v for k, v in backends.items() if k in wanted}
-    rows = []
     torch.manual_seed(0)
     for name, kernels in backends.items():
         config = xLSTMConfig(**SHAPES[shape])
@@ -226,7 +227,7 @@ def reference_rows(shape, lengths, batches, steps, wanted):
         with torch.device("cuda"):
             model = xLSTMForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
-        row = dict(system=f"transformers {name}")
+        row = dict(system=f"transformers {name}", xlstm_package=type(model.backbone.blocks[0]).__mro__[1].__module__)
         with torch.no_grad():
             for T in lengths:
                 ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
