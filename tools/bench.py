@@ -201,9 +201,9 @@ def reference_rows(shape, lengths, batches, steps, wanted):
         import torch
         from transformers import xLSTMConfig, xLSTMForCausalLM
     except ImportError as e:
-        return [dict(system="transformers", note=f"not installed: {e}")]
+        return [emit(dict(system="transformers", note=f"not installed: {e}"))]
     if not torch.cuda.is_available():
-        return [dict(system="transformers", note="no CUDA device for torch")]
+        return [emit(dict(system="transformers", note="no CUDA device for torch"))]
     backends = {"native": {}}
     try:  # transformers takes the Triton kernels only through NX-AI's xlstm package
         import mlstm_kernels  # noqa: F401
@@ -216,7 +216,7 @@ def reference_rows(shape, lengths, batches, steps, wanted):
         )
     except ImportError:
         pass
-    rows = [dict(system=f"transformers {k}", note="not installed") for k in wanted if k not in backends]
+    rows = [emit(dict(system=f"transformers {k}", note="not installed")) for k in wanted if k not in backends]
     backends = {k: v for k, v in backends.items() if k in wanted}
     torch.manual_seed(0)
     for name, kernels in backends.items():
