@@ -124,9 +124,10 @@ def greedy(model, prompt: mx.array, max_tokens: int):
         tokens.append(int(token))
         logprobs.append(lp)
     end = time.perf_counter()
-    top2 = mx.topk(mx.stack(logprobs).astype(mx.float32), 2, axis=-1)
+    logprobs = mx.stack(logprobs).astype(mx.float32)
+    top2 = mx.topk(logprobs, 2, axis=-1)
     margins = mx.abs(top2[:, 1] - top2[:, 0]).tolist()
-    return tokens, margins, first - start, end - first
+    return tokens, margins, logprobs[0].tolist(), first - start, end - first
 
 
 def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed: int = 0):
@@ -140,10 +141,12 @@ def run_cases(cases, prompt_tokens: int, max_tokens: int, warmup: int = 1, seed:
         for _ in range(warmup):
             greedy(model, prompt[: 2 * model.args.chunk_size], 4)
         mx.reset_peak_memory()
-        tokens, margins, prefill_s, decode_s = greedy(model, prompt, max_tokens)
+        tokens, margins, prompt_logprobs, prefill_s, decode_s = greedy(model, prompt, max_tokens)
         results.append({
             "model": path, "mode": mode if group.size() > 1 else "single", "ranks": group.size(),
             "tokens": tokens, "top2_margins": [round(m, 4) for m in margins],
+            # The distribution after the prompt, to tell rounding from a real difference.
+            "prompt_logprobs": [round(x, 5) for x in prompt_logprobs],
             # What this rank holds: blocks (pipeline) and heads per mLSTM layer (tensor).
             "local_blocks": len(model.layers), "local_heads": local_heads(model),
             "prefill_tok_s": prompt_tokens / prefill_s,
@@ -166,12 +169,14 @@ def compare(reference: dict, other: dict) -> bool:
             if r is ref:
                 print()
         same = ref["tokens"] == case["tokens"]
+        drift = max(abs(x - y) for x, y in zip(ref["prompt_logprobs"], case["prompt_logprobs"]))
         if not same:
-            i = next(i for i, (a, b) in enumerate(zip(ref["tokens"], case["tokens"])) if a != b)
+            i = next(i for i, (x, y) in enumerate(zip(ref["tokens"], case["tokens"])) if x != y)
             margin = ref["top2_margins"][i]
-            print(f"  DIFFER from token {i} (one process's top-2 log-prob gap there: {margin})")
+            print(f"  DIFFER from token {i} (one process's top-2 log-prob gap there: {margin})", end="")
         else:
-            print("  identical")
+            print("  identical", end="")
+        print(f"; max |log-prob difference| after the prompt: {drift:.2g}")
         ok &= same
     return ok
 
