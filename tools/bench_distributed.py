@@ -45,7 +45,7 @@ def make_model(
     """A loadable folder with random weights: config.json in transformers' names,
     safetensors (+ index) written by mlx-lm, the fixtures' byte-level tokenizer
     (copied from the folder `tokenizer_from` if given)."""
-    from mlx.utils import tree_flatten, tree_map_with_path
+    from mlx.utils import tree_map_with_path
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
