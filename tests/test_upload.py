@@ -1,0 +1,164 @@
+"""Publishing: the dry run builds loadable, carded folders offline; uploads go through HfApi
+(mocked here: no network is ever touched)."""
+
+import json
+import socket
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+import fixtures
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "upload_scripts"))
+import publish  # noqa: E402
+
+FAST = ["--group-size", "32", "--eval-tokens", "256", "--speed-tokens", "4", "--license", "apache-2.0",
+        "--base-model", "NX-AI/xLSTM-7b", "--name", "xLSTM-tiny", "--org", "mlx-community"]
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return fixtures.model_dir(tmp_path_factory.mktemp("pub") / "xlstm", "single", force_bos_token_insert=True)
+
+
+@pytest.fixture(scope="module")
+def dry_run(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built")
+    api = mock.MagicMock()
+    with mock.patch("huggingface_hub.HfApi", api), mock.patch("sys.stdout.write") as write:
+        built = publish.main([str(source), "--out", str(out), "--dry-run", "--variants", "bf16", "4bit", "mixed_3_6", *FAST])
+    printed = "".join(c.args[0] for c in write.call_args_list)
+    return built, out, printed, api
+
+
+def test_dry_run_builds_every_variant_in_place_and_calls_no_hub(dry_run):
+    built, out, printed, api = dry_run
+    assert list(built) == ["mlx-community/xLSTM-tiny-bf16", "mlx-community/xLSTM-tiny-4bit", "mlx-community/xLSTM-tiny-mixed_3_6"]
+    assert sorted(p.name for p in out.iterdir()) == ["xLSTM-tiny-4bit", "xLSTM-tiny-bf16", "xLSTM-tiny-mixed_3_6"]  # no temp left
+    assert not api.called
+    for repo_id, folder in built.items():
+        assert f"would upload {folder} -> https://huggingface.co/{repo_id}" in printed
+        assert "model.safetensors" in printed and "README.md" in printed
+    assert "total" in printed and "in 3 repos" in printed
+
+
+def test_variants_have_the_asked_dtype_and_quantization(dry_run):
+    built, *_ = dry_run
+    bf16, q4, mixed = (json.loads((f / "config.json").read_text()) for f in built.values())
+    assert "quantization" not in bf16
+    assert q4["quantization"]["bits"] == 4 and q4["quantization"]["group_size"] == 32
+    assert q4["eos_token_id"] == 0  # never "!" (id 2)
+    # mixed_3_6: 6 bits for lm_head and, in the last eighth of the blocks, v and the FFN down projection.
+    q = mixed["quantization"]
+    assert q["lm_head"]["bits"] == 6
+    assert q["backbone.blocks.1.ffn.proj_down"]["bits"] == 6 and q["backbone.blocks.1.mlstm_layer.v"]["bits"] == 6
+    assert q["backbone.blocks.0.ffn.proj_down"]["bits"] == 3 and q["backbone.blocks.0.mlstm_layer.q"]["bits"] == 3
+    from mlx_lm_xlstm.info import safetensors_bytes
+
+    tensors = safetensors_bytes(list(built.values())[2])
+    assert "backbone.blocks.0.mlstm_layer.igate_preact.scales" not in tensors  # gates stay float
+    assert tensors["backbone.blocks.0.mlstm_layer.igate_preact.weight"][0] == "F32"  # cast_predicate
+
+
+def test_built_folders_load_and_generate(dry_run):
+    from mlx_lm import generate, load
+
+    built, *_ = dry_run
+    for folder in built.values():
+        model, tokenizer = load(str(folder))
+        text = generate(model, tokenizer, prompt="def ", max_tokens=4)
+        assert isinstance(text, str) and len(tokenizer.encode(text)) >= 1
+
+
+def test_card_metadata_and_usage(dry_run):
+    from huggingface_hub import ModelCard
+
+    built, *_ = dry_run
+    for repo_id, folder in built.items():
+        c = ModelCard.load(folder / "README.md")
+        assert c.data.base_model == "NX-AI/xLSTM-7b"
+        assert c.data.license == "apache-2.0"
+        assert c.data.library_name == "mlx"
+        assert c.data.pipeline_tag == "text-generation"
+        assert {"mlx", "xlstm"} <= set(c.data.tags)
+        assert "pip install mlx-lm-xlstm" in c.text
+        assert f'mlx_lm.generate --model {repo_id} --prompt "' in c.text
+        assert f'load("{repo_id}")' in c.text
+        # quality and speed rows for every variant, measured here
+        for variant in ("bf16", "4bit", "mixed_3_6"):
+            row = next(line for line in c.text.splitlines() if line.startswith(f"| [{variant}]"))
+            ppl, tps = row.split("|")[3].strip(), row.split("|")[4].strip()
+            assert "±" in ppl and float(ppl.split("±")[0]) > 1
+            assert float(tps) > 0
+        assert "the source weights (float32) give" in c.text
+    assert "4-bit" in ModelCard.load(built["mlx-community/xLSTM-tiny-4bit"] / "README.md").data.tags
+
+
+def hub_mock(whoami):
+    api = mock.MagicMock()
+    api.return_value.whoami.side_effect = whoami
+    return api
+
+
+def run_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        publish.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_token_is_a_clear_error_before_any_work(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with mock.patch("huggingface_hub.get_token", return_value=None), mock.patch("huggingface_hub.HfApi") as api:
+        err = run_error([str(source), "--out", str(tmp_path / "out"), *FAST], capsys)
+    assert "no Hugging Face token" in err and "huggingface-cli login" in err
+    assert not api.called
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_hub_is_a_clear_error_before_any_work(source, tmp_path, capsys):
+    api = hub_mock(ConnectionError("Failed to resolve 'huggingface.co'"))
+    with mock.patch("huggingface_hub.HfApi", api):
+        err = run_error([str(source), "--out", str(tmp_path / "out"), "--token", "hf_x", *FAST], capsys)
+    assert "cannot reach the Hugging Face Hub" in err and "--dry-run" in err
+    api.assert_called_once_with(token="hf_x")
+    assert not (tmp_path / "out").exists()
+
+
+def test_upload_creates_each_repo_and_uploads_its_folder(source, tmp_path):
+    api = hub_mock(lambda: {"name": "tester"})
+    with mock.patch("huggingface_hub.HfApi", api):
+        built = publish.main([str(source), "--out", str(tmp_path), "--token", "hf_x", "--no-eval",
+                              "--variants", "bf16", "8bit", *FAST])
+    hub = api.return_value
+    assert [c.kwargs["repo_id"] for c in hub.create_repo.call_args_list] == list(built)
+    assert all(c.kwargs["exist_ok"] and c.kwargs["repo_type"] == "model" for c in hub.create_repo.call_args_list)
+    uploads = [(c.kwargs["repo_id"], c.kwargs["folder_path"]) for c in hub.upload_folder.call_args_list]
+    assert uploads == [(r, str(f)) for r, f in built.items()]
+    assert "not measured" in (built["mlx-community/xLSTM-tiny-8bit"] / "README.md").read_text()
+
+
+def test_repo_id_not_cached_is_a_clear_error_in_a_dry_run(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    err = run_error(["NX-AI/xLSTM-7b", "--out", str(tmp_path / "out"), "--dry-run"], capsys)
+    assert "not in the local Hugging Face cache" in err and "huggingface-cli download NX-AI/xLSTM-7b" in err
+
+
+def test_bad_source_and_existing_output_are_named(source, tmp_path, capsys):
+    assert "no such folder" in run_error([str(tmp_path / "nope.d/x/y"), "--dry-run"], capsys)
+    (tmp_path / "xLSTM-tiny-bf16").mkdir()
+    err = run_error([str(source), "--out", str(tmp_path), "--dry-run", "--variants", "bf16", *FAST], capsys)
+    assert "already built" in err and "--overwrite" in err
