@@ -227,7 +227,7 @@ def reference_rows(shape, lengths, batches, steps, wanted):
         with torch.device("cuda"):
             model = xLSTMForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
-        row = dict(system=f"transformers {name}", xlstm_package=type(model.backbone.blocks[0]).__mro__[1].__module__)
+        row = dict(system=f"transformers {name}")
         with torch.no_grad():
             for T in lengths:
                 ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
@@ -352,7 +352,7 @@ def main():
     lengths = [int(x) for x in (a.prefill or ("2048,8192" if big else "256,1024")).split(",")]
     batches = [int(x) for x in a.batches.split(",")]
     steps = a.steps or (64 if big else 32)
-    quant = [int(x) for x in (a.quant if a.quant is not None else ("8,4" if big else "")).split(",") if x]
+    quant = [int(x) for x in (a.quant if a.quant is not None else ("8,4" if big else "")).split(",") if x.strip() not in ("", "0")]
     loop_len = 0 if big else 256
 
     from mlx_lm_xlstm.kernels import step
