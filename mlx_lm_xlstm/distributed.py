@@ -3,7 +3,7 @@
 Tensor parallel (`Model.shard`): each rank keeps num_heads / N heads of every mLSTM layer
 (their q, k, v, output-gate, input- and forget-gate rows, and their slice of the per-head
 norm); the recurrent state C, n, m then lives with its heads, so the cache shrinks by N
-with no extra communication. The FFN splits its width. out_proj and proj_down sum the
+with no extra communication. The FFN splits its width. out_proj and down_proj sum the
 partial results over the group: two all-reduces per block. Embedding and lm_head stay
 replicated, as in mlx-lm's own models.
 
@@ -11,15 +11,14 @@ Pipeline parallel (`Model.model.pipeline`): mlx-lm's PipelineMixin layout, block
 over ranks, the last rank running the first blocks.
 """
 
-from typing import List, Optional
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.pipeline import PipelineMixin
 
 # Projections whose outputs are laid out head after head.
-HEAD_PROJECTIONS = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
+HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "ogate_preact")
+HEAD_GATES = ("igate_preact", "fgate_preact")
 
 
 def shard_heads(model, group: mx.distributed.Group):
@@ -30,14 +29,16 @@ def shard_heads(model, group: mx.distributed.Group):
         layer = block.mlstm_layer
         for name in HEAD_PROJECTIONS:
             setattr(layer, name, shard_linear(getattr(layer, name), "all-to-sharded", group=group))
+        for name in HEAD_GATES:
+            shard_inplace(getattr(layer, name), "all-to-sharded", group=group)
         shard_inplace(layer.multihead_norm, "all-to-sharded", group=group)
         layer.out_proj = shard_linear(layer.out_proj, "sharded-to-all", group=group)
         layer.num_heads //= N
 
         ffn = block.ffn
-        ffn.proj_up_gate = shard_linear(ffn.proj_up_gate, "all-to-sharded", group=group)
-        ffn.proj_up = shard_linear(ffn.proj_up, "all-to-sharded", group=group)
-        ffn.proj_down = shard_linear(ffn.proj_down, "sharded-to-all", group=group)
+        ffn.gate_proj = shard_linear(ffn.gate_proj, "all-to-sharded", group=group)
+        ffn.up_proj = shard_linear(ffn.up_proj, "all-to-sharded", group=group)
+        ffn.down_proj = shard_linear(ffn.down_proj, "sharded-to-all", group=group)
 
 
 def check_tensor_parallel(model, N: int):
@@ -50,13 +51,13 @@ def check_tensor_parallel(model, N: int):
     if args.ffn_dim % N:
         raise ValueError(f"xLSTM tensor parallel: FFN width {args.ffn_dim} does not split over {N} ranks")
     for i, block in enumerate(model.layers):
-        split_inputs = (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.proj_down", block.ffn.proj_down))
+        split_inputs = (("mlstm_layer.out_proj", block.mlstm_layer.out_proj), ("ffn.down_proj", block.ffn.down_proj))
         for name, linear in split_inputs:
             # A quantized layer split along its input needs whole groups on every rank.
             if isinstance(linear, nn.QuantizedLinear) and linear.scales.shape[-1] % N:
                 groups, size = linear.scales.shape[-1], linear.group_size
                 raise ValueError(
-                    f"xLSTM tensor parallel: backbone.blocks.{i}.{name} is quantized in {groups} "
+                    f"xLSTM tensor parallel: backbone.layers.{i}.{name} is quantized in {groups} "
                     f"groups of {size} along its input, which do not split over {N} ranks; "
                     f"{_group_sizes_that_split(groups * size, N)}"
                 )
@@ -73,25 +74,14 @@ def _group_sizes_that_split(width: int, N: int) -> str:
 
 
 class BlockPipeline(PipelineMixin):
-    """mlx-lm's pipeline layout over `self.blocks`, the name the checkpoints use
-    (xLSTM-7b's backbone and the paper's block stack)."""
+    """mlx-lm's pipeline layout over `self.layers`, and the hand-over between stages."""
 
     pipeline_group = None
 
-    @property
-    def layers(self):
-        return self.blocks
-
     def pipeline(self, group: mx.distributed.Group, split=None):
-        if len(self.blocks) < group.size():
-            raise ValueError(f"xLSTM pipeline: {len(self.blocks)} blocks cannot fill {group.size()} ranks")
-        # PipelineMixin rebinds `self.layers`; run its split on a stand-in and take the result.
-        stage = PipelineMixin()
-        stage.layers = self.blocks
-        stage.pipeline(group, split)
-        self.blocks = stage.layers
-        self.pipeline_rank, self.pipeline_size = stage.pipeline_rank, stage.pipeline_size
-        self.start_idx, self.end_idx = stage.start_idx, stage.end_idx
+        if len(self.layers) < group.size():
+            raise ValueError(f"xLSTM pipeline: {len(self.layers)} blocks cannot fill {group.size()} ranks")
+        super().pipeline(group, split)
         self.pipeline_group = group
 
     def receive_stage_input(self, x):
@@ -110,23 +100,3 @@ class BlockPipeline(PipelineMixin):
                 # Evaluating the state then also runs the send.
                 cache[-1][0] = mx.depends(cache[-1][0], x)
         return mx.distributed.all_gather(x, group=self.pipeline_group)[: x.shape[0]]
-
-
-def pipeline_load(
-    path_or_repo: str, group: Optional[mx.distributed.Group] = None, split: Optional[List[int]] = None
-):
-    """`mlx_lm.utils.sharded_load(path, pipeline_group=group)` for xLSTM checkpoints.
-
-    sharded_load matches tensors to pipeline stages by a `layers.N.` pattern in their
-    names and refuses transformers' `backbone.blocks.N.`; its other steps are these.
-    The weights load lazily, so each rank reads only its own blocks from disk.
-    """
-    from mlx_lm.utils import load
-
-    group = group or mx.distributed.init()
-    model, tokenizer = load(path_or_repo, lazy=True)
-    model.model.pipeline(group, split)
-    mx.eval(model.parameters())
-    # Wait for every rank, as sharded_load does, so that no rank times out on its first message.
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))
-    return model, tokenizer

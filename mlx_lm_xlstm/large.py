@@ -1,4 +1,4 @@
-"""xLSTM-7b ("xLSTM large"): mLSTM blocks with a SwiGLU FFN, weights named as in transformers."""
+"""xLSTM-7b ("xLSTM large"): mLSTM blocks with a SwiGLU FFN. `sanitize` takes transformers' weights."""
 
 from dataclasses import dataclass
 from typing import Any, List, Optional
@@ -126,6 +126,23 @@ class MultiHeadLayerNorm(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+class GateProjection(nn.Module):
+    """The input/forget gate pre-activation, one per head, in fp32.
+
+    Not an nn.Linear on purpose: without `to_quantized`, no quantization recipe of
+    mlx-lm touches it, and the exponential gates stay exact.
+    """
+
+    def __init__(self, dims: int, num_heads: int):
+        super().__init__()
+        scale = dims**-0.5  # nn.Linear's init
+        self.weight = mx.random.uniform(-scale, scale, (num_heads, dims))
+        self.bias = mx.random.uniform(-scale, scale, (num_heads,))
+
+    def __call__(self, x):
+        return mx.addmm(self.bias, x.astype(mx.float32), self.weight.astype(mx.float32).T)
+
+
 class mLSTMLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -134,18 +151,18 @@ class mLSTMLayer(nn.Module):
         self.chunk_size = args.chunk_size
         self.gate_soft_cap = args.gate_soft_cap
         self.eps = args.eps
-        self.q = nn.Linear(D, args.qk_dim, bias=bias)
-        self.k = nn.Linear(D, args.qk_dim, bias=bias)
-        self.v = nn.Linear(D, args.v_dim, bias=bias)
+        self.q_proj = nn.Linear(D, args.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(D, args.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(D, args.v_dim, bias=bias)
         self.ogate_preact = nn.Linear(D, args.v_dim, bias=bias)
-        self.igate_preact = nn.Linear(D, H, bias=True)
-        self.fgate_preact = nn.Linear(D, H, bias=True)
+        self.igate_preact = GateProjection(D, H)
+        self.fgate_preact = GateProjection(D, H)
         self.multihead_norm = MultiHeadLayerNorm(H, args.v_dim // H, args.norm_eps, bias)
         self.out_proj = nn.Linear(args.v_dim, D, bias=bias)
 
     def _gates(self, x, mask):
-        i = soft_cap(self.igate_preact(x).astype(mx.float32), self.gate_soft_cap)
-        f = soft_cap(self.fgate_preact(x).astype(mx.float32), self.gate_soft_cap)
+        i = soft_cap(self.igate_preact(x), self.gate_soft_cap)
+        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)
         log_f = nn.log_sigmoid(f)
         if mask is not None:
             i = mx.where(mask[..., None], i, MASKED_I)
@@ -156,7 +173,7 @@ class mLSTMLayer(nn.Module):
         B, T, _ = x.shape
         H = self.num_heads
         heads = lambda y: y.reshape(B, T, H, -1).swapaxes(1, 2)
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         i, log_f = self._gates(x, mask)
 
         if cache is not None and cache[0] is not None:
@@ -184,12 +201,12 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, F, bias = args.hidden_size, args.ffn_dim, args.use_bias
-        self.proj_up_gate = nn.Linear(D, F, bias=bias)
-        self.proj_up = nn.Linear(D, F, bias=bias)
-        self.proj_down = nn.Linear(F, D, bias=bias)
+        self.gate_proj = nn.Linear(D, F, bias=bias)
+        self.up_proj = nn.Linear(D, F, bias=bias)
+        self.down_proj = nn.Linear(F, D, bias=bias)
 
     def __call__(self, x):
-        return self.proj_down(swiglu(self.proj_up_gate(x), self.proj_up(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class mLSTMBlock(nn.Module):
@@ -209,7 +226,7 @@ class xLSTMBackbone(BlockPipeline, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.blocks = [mLSTMBlock(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [mLSTMBlock(args) for _ in range(args.num_hidden_layers)]
         if args.add_out_norm:
             self.out_norm = RMSNorm(args.hidden_size, args.norm_eps, False)
 
@@ -285,9 +302,12 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict) -> dict:
         weights = self._split_fused(weights)
+        # Errors name tensors as the checkpoint does.
+        as_in_checkpoint = hf_name if any(mlx_name(k) != k for k in weights) else str
+        weights = {mlx_name(k): v for k, v in weights.items()}
         if self.args.tie_word_embeddings and "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["backbone.embeddings.weight"]
-        _check_weights(self, weights)
+        _check_weights(self, weights, as_in_checkpoint)
         _report_unquantized(self, weights)
         return weights
 
@@ -316,13 +336,33 @@ class Model(nn.Module):
         return out
 
     @property
-    def quant_predicate(self):
-        # The gate projections have one output per head: keep them exact.
-        return lambda path, module: not path.endswith(("igate_preact", "fgate_preact"))
-
-    @property
     def cast_predicate(self):
         return lambda path: not ("igate_preact" in path or "fgate_preact" in path)
+
+
+# transformers' names -> ours, which follow mlx-lm's (`layers.N.` for pipeline loading,
+# `down_proj`/`v_proj` for the mixed quantization recipes).
+HF_TO_MLX = {
+    "backbone.blocks.": "backbone.layers.",
+    ".mlstm_layer.q.": ".mlstm_layer.q_proj.",
+    ".mlstm_layer.k.": ".mlstm_layer.k_proj.",
+    ".mlstm_layer.v.": ".mlstm_layer.v_proj.",
+    ".ffn.proj_up_gate.": ".ffn.gate_proj.",
+    ".ffn.proj_up.": ".ffn.up_proj.",
+    ".ffn.proj_down.": ".ffn.down_proj.",
+}
+
+
+def mlx_name(key: str) -> str:
+    for hf, ours in HF_TO_MLX.items():
+        key = key.replace(hf, ours)
+    return key
+
+
+def hf_name(key: str) -> str:
+    for hf, ours in HF_TO_MLX.items():
+        key = key.replace(ours, hf)
+    return key
 
 
 def _check_cache(model: "Model", cache: list):
@@ -339,16 +379,16 @@ def _check_cache(model: "Model", cache: list):
         )
 
 
-def _check_weights(model: nn.Module, weights: dict):
+def _check_weights(model: nn.Module, weights: dict, as_in_checkpoint=str):
     """Name the tensor that is missing, unexpected or misshaped, before mlx-lm's strict load."""
     from mlx.utils import tree_flatten
 
     expected = dict(tree_flatten(model.parameters()))
     quantized = {k.rsplit(".", 1)[0] for k in weights if k.endswith(".scales")}
     module_of = lambda k: k.rsplit(".", 1)[0]
-    missing = [k for k in expected if k not in weights]
+    missing = [as_in_checkpoint(k) for k in expected if k not in weights]
     unexpected = [
-        k for k in weights
+        as_in_checkpoint(k) for k in weights
         if k not in expected and not (module_of(k) in quantized and k.endswith((".scales", ".biases")))
     ]
     if missing or unexpected:
@@ -363,7 +403,7 @@ def _check_weights(model: nn.Module, weights: dict):
             continue
         if tuple(weights[key].shape) != tuple(param.shape):
             raise ValueError(
-                f"xLSTM checkpoint: tensor '{key}' has shape {tuple(weights[key].shape)}, "
+                f"xLSTM checkpoint: tensor '{as_in_checkpoint(key)}' has shape {tuple(weights[key].shape)}, "
                 f"the config implies {tuple(param.shape)}"
             )
 
@@ -377,13 +417,12 @@ def _report_unquantized(model: nn.Module, weights: dict):
     scales = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
     if not scales:
         return
-    linears = {p: m for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    quantizable = model.quant_predicate
+    linears = {p: m for p, m in model.named_modules() if hasattr(m, "to_quantized")}
     path, s = next(iter(scales.items()))
     group_size = linears[path].weight.shape[-1] // s.shape[-1]
     skipped = {
         p: m.weight.shape[-1] for p, m in linears.items()
-        if p not in scales and quantizable(p, m) and m.weight.shape[-1] % group_size
+        if p not in scales and m.weight.shape[-1] % group_size
     }
     if skipped:
         widths = sorted(set(skipped.values()))

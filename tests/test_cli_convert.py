@@ -49,7 +49,7 @@ def test_bfloat16_cli_keeps_gates_fp32_and_generates(source, reference, tmp_path
     model, tokenizer = load(str(out))
     dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
     assert all(v == mx.float32 for k, v in dtypes.items() if "gate_preact" in k and "ogate" not in k)
-    assert dtypes["backbone.blocks.0.ffn.proj_down.weight"] == mx.bfloat16
+    assert dtypes["backbone.layers.0.ffn.down_proj.weight"] == mx.bfloat16
     assert model.make_cache()[0].state is not None
     assert relative_error(model, reference) < 3e-2  # bf16: 8-bit mantissa, ~1.3% measured
 
@@ -58,7 +58,7 @@ def test_bfloat16_cli_keeps_gates_fp32_and_generates(source, reference, tmp_path
 def test_other_dtypes(source, reference, tmp_path, dtype, tolerance):
     convert(str(source), str(tmp_path / dtype), dtype=dtype)
     model, tokenizer = load(str(tmp_path / dtype))
-    assert model.backbone.blocks[0].ffn.proj_up.weight.dtype == getattr(mx, dtype)
+    assert model.backbone.layers[0].ffn.up_proj.weight.dtype == getattr(mx, dtype)
     assert relative_error(model, reference) < tolerance
     assert generate(model, tokenizer, "def", max_tokens=4)
 
@@ -69,14 +69,14 @@ def test_quantized_loads_generates_and_says_what_stays_float(source, reference, 
     out = tmp_path / f"q{bits}g{group_size}"
     convert(str(source), str(out), quantize=True, q_bits=bits, q_group_size=group_size)
     model, tokenizer, messages = load_quietly(out)
-    layer = model.backbone.blocks[0]
-    assert hasattr(layer.mlstm_layer.q, "scales")  # width 128: every group size fits
+    layer = model.backbone.layers[0]
+    assert hasattr(layer.mlstm_layer.q_proj, "scales")  # width 128: every group size fits
     assert not hasattr(layer.mlstm_layer.igate_preact, "scales")  # gates stay exact
     if group_size == 32:
-        assert hasattr(layer.ffn.proj_down, "scales") and not messages
+        assert hasattr(layer.ffn.down_proj, "scales") and not messages
     else:  # 352 inputs: mlx-lm skips the layer; the load says so
-        assert not hasattr(layer.ffn.proj_down, "scales")
-        assert any("proj_down" in m and f"group size {group_size}" in m and "--q-group-size 32" in m for m in messages)
+        assert not hasattr(layer.ffn.down_proj, "scales")
+        assert any("down_proj" in m and f"group size {group_size}" in m and "--q-group-size 32" in m for m in messages)
     # random tiny weights are hard on 4 bits (~0.5 measured); 8 bits ~0.02
     assert relative_error(model, reference) < (0.05 if bits == 8 else 0.7)
     assert generate(model, tokenizer, "def", max_tokens=4)
@@ -89,10 +89,14 @@ def test_quantized_cli_warns_and_generates(source, tmp_path):
     assert "stay unquantized" in run.stderr and generated_text(run.stdout)
 
 
-def test_mixed_recipe_fails_cleanly(source, tmp_path):
-    # mlx-lm's recipes key on `down_proj`/`v_proj` module names; xLSTM keeps transformers'
-    # names (ffn.proj_down, mlstm_layer.v), so the recipe refuses before writing anything.
+def test_mixed_recipe(source, tmp_path):
+    """mlx-lm's recipes key on `down_proj`/`v_proj`, the names sanitize gives the layers."""
     out = tmp_path / "mixed"
-    run = cli("convert", "--hf-path", source, "--mlx-path", out, "--quant-predicate", "mixed_3_6", check=False)
-    assert run.returncode != 0 and "expected keys for mixed quant" in run.stderr
-    assert not out.exists()
+    cli("convert", "--hf-path", source, "--mlx-path", out, "-q", "--quant-predicate", "mixed_3_6",
+        "--q-group-size", "32")
+    model, tokenizer = load(str(out))
+    first, last = model.backbone.layers[0], model.backbone.layers[-1]  # the recipe favours the last
+    assert last.ffn.down_proj.bits == 6 and last.mlstm_layer.v_proj.bits == 6
+    assert last.ffn.up_proj.bits == 3 and first.ffn.down_proj.bits == 3 and first.mlstm_layer.v_proj.bits == 3
+    assert not hasattr(last.mlstm_layer.igate_preact, "scales")  # gates are never quantized
+    assert generate(model, tokenizer, "def", max_tokens=4)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx_lm.convert import convert
 from mlx_lm.utils import quantize_model
 
 import bench_distributed as bench
@@ -41,7 +42,9 @@ def model_dirs(tmp_path_factory):
         for file in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(bf16 / file, folder / file)
         committed.append(folder)
-    return [bf16, q4, *committed]
+    # Pipeline loading needs mlx-lm's layout (`layers.N.` names, an index): convert first.
+    convert(str(committed[1]), str(root / "paper_mlx"))
+    return [bf16, q4, committed[0], root / "paper_mlx"]
 
 
 def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
@@ -90,7 +93,7 @@ def test_heads_that_do_not_split():
     with pytest.raises(ValueError, match="num_heads 4 does not split over 3 ranks"):
         model.shard(group_of_size(3))
     assert model.layers[0].mlstm_layer.num_heads == 4
-    assert isinstance(model.layers[0].mlstm_layer.q, nn.Linear)
+    assert isinstance(model.layers[0].mlstm_layer.q_proj, nn.Linear)
 
 
 def test_ffn_width_that_does_not_split():
@@ -109,19 +112,19 @@ def test_7b_shard_shapes():
     model.shard(group_of_size(2))
     layer, ffn = model.layers[0].mlstm_layer, model.layers[0].ffn
     assert layer.num_heads == 4
-    assert (layer.q.weight.shape, layer.v.weight.shape) == ((1024, 4096), (2048, 4096))
+    assert (layer.q_proj.weight.shape, layer.v_proj.weight.shape) == ((1024, 4096), (2048, 4096))
     assert layer.igate_preact.bias.shape == (4,)
     assert (layer.multihead_norm.weight.shape, layer.out_proj.weight.shape) == ((2048,), (4096, 2048))
-    assert (ffn.proj_up_gate.weight.shape, ffn.proj_down.weight.shape) == ((5472, 4096), (4096, 5472))
+    assert (ffn.gate_proj.weight.shape, ffn.down_proj.weight.shape) == ((5472, 4096), (4096, 5472))
 
 
 def test_quantized_groups_that_do_not_split():
-    # 4-bit group 64, as `mlx_lm convert -q` makes it: proj_down has 10944 / 64 = 171 groups.
+    # 4-bit group 64, as `mlx_lm convert -q` makes it: down_proj has 10944 / 64 = 171 groups.
     model, _ = quantize_model(xlstm_7b(), {}, group_size=64, bits=4)
-    refusal = r"blocks\.0\.ffn\.proj_down is quantized in 171 groups of 64.*2 ranks; --q-group-size 32 splits"
+    refusal = r"layers\.0\.ffn\.down_proj is quantized in 171 groups of 64.*2 ranks; --q-group-size 32 splits"
     with pytest.raises(ValueError, match=refusal):
         model.shard(group_of_size(2))
-    assert isinstance(model.layers[0].mlstm_layer.q, nn.QuantizedLinear)
+    assert isinstance(model.layers[0].mlstm_layer.q_proj, nn.QuantizedLinear)
     assert model.layers[0].mlstm_layer.num_heads == 8
 
 

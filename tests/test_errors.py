@@ -68,5 +68,7 @@ def test_sanitize_is_idempotent_and_splits_fused():
     assert once.keys() == twice.keys() == dict(tree_flatten(model.parameters())).keys()
     assert all(mx.array_equal(once[k], twice[k]) for k in once)
     # i before f, gate before up: the split order transformers uses.
-    i_bias = once["backbone.blocks.0.mlstm_layer.igate_preact.bias"]
+    i_bias = once["backbone.layers.0.mlstm_layer.igate_preact.bias"]
     assert mx.array_equal(i_bias, raw["backbone.blocks.0.mlstm_layer.ifgate_preact.bias"][:4])
+    up = once["backbone.layers.1.ffn.up_proj.weight"]
+    assert mx.array_equal(up, raw["backbone.blocks.1.ffn.proj_up_gate_z.weight"][up.shape[0]:])

@@ -121,10 +121,10 @@ def test_gradient_matches_reference(tmp_path):
     R_grad = R_grad.reshape(NH, 4, DH, DH).permute(0, 3, 1, 2).reshape(NH, DH, 4 * DH)
     mlstm = ref.xlstm_block_stack.blocks[0].xlstm
     pairs = {
-        "xlstm_block_stack.blocks.1.xlstm.slstm_cell.recurrent_kernel": R_grad,
-        "xlstm_block_stack.blocks.0.xlstm.mlstm_cell.igate.weight": mlstm.mlstm_cell.igate.weight.grad,
-        "xlstm_block_stack.blocks.0.xlstm.mlstm_cell.fgate.bias": mlstm.mlstm_cell.fgate.bias.grad,
-        "xlstm_block_stack.blocks.0.xlstm.conv1d.conv.weight": mlstm.conv1d.conv.weight.grad.transpose(1, 2),
+        "xlstm_block_stack.layers.1.xlstm.slstm_cell.recurrent_kernel": R_grad,
+        "xlstm_block_stack.layers.0.xlstm.mlstm_cell.igate.weight": mlstm.mlstm_cell.igate.weight.grad,
+        "xlstm_block_stack.layers.0.xlstm.mlstm_cell.fgate.bias": mlstm.mlstm_cell.fgate.bias.grad,
+        "xlstm_block_stack.layers.0.xlstm.conv1d.conv.weight": mlstm.conv1d.conv.weight.grad.transpose(1, 2),
         "token_embedding.weight": ref.token_embedding.weight.grad,
     }
     for key, expected in pairs.items():

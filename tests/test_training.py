@@ -9,6 +9,8 @@ import numpy as np
 from conftest import fixtures, load_fixture, needs_torch
 from mlx.utils import tree_flatten
 
+from mlx_lm_xlstm.large import mlx_name
+
 
 def loss_fn(model, ids):
     logits = model(ids[:, :-1])
@@ -56,4 +58,4 @@ def test_gradients_match_transformers(tmp_path):
     for name in ("backbone.blocks.0.mlstm_layer.q.weight", "backbone.blocks.0.mlstm_layer.fgate_preact.bias",
                  "backbone.blocks.1.mlstm_layer.igate_preact.weight", "backbone.embeddings.weight"):
         expected = ref.get_parameter(name).grad.numpy()
-        np.testing.assert_allclose(np.array(grads[name]), expected, atol=1e-5, rtol=1e-3, err_msg=name)
+        np.testing.assert_allclose(np.array(grads[mlx_name(name)]), expected, atol=1e-5, rtol=1e-3, err_msg=name)

@@ -52,7 +52,6 @@ def build_model(shape, dtype, bits=None):
             group_size=64,
             bits=bits,
             class_predicate=lambda path, m: isinstance(m, (nn.Linear, nn.Embedding))
-            and model.quant_predicate(path, m)
             and m.weight.shape[-1] % 64 == 0,
         )
     mx.eval(model.parameters())

@@ -13,9 +13,8 @@ Step by step (the same on CPU with the ring backend, at the tiny shape):
         tools/bench_distributed.py run --case /tmp/xlstm-7b:tensor --out two.json
     python tools/bench_distributed.py compare one.json two.json
 
-`run` loads each case with `mlx_lm.utils.sharded_load` (tensor) or
-`mlx_lm_xlstm.distributed.pipeline_load` (pipeline) when launched on several ranks, with
-`mlx_lm.utils.load` in one process, then times `mlx_lm.generate.generate_step` (greedy).
+`run` loads each case with `mlx_lm.utils.sharded_load` (tensor or pipeline group) when
+launched on several ranks, with `mlx_lm.utils.load` in one process, then times `mlx_lm.generate.generate_step` (greedy).
 Rank 0 writes the JSON.
 """
 
@@ -95,14 +94,12 @@ def make_model(
 def load_case(path: str, mode: str, group):
     from mlx_lm.utils import load, sharded_load
 
-    from mlx_lm_xlstm.distributed import pipeline_load
-
     if group.size() == 1:
         return load(path)[0]
     if mode == "tensor":
         return sharded_load(path, tensor_group=group)[0]
     if mode == "pipeline":
-        return pipeline_load(path, group)[0]
+        return sharded_load(path, pipeline_group=group)[0]
     raise ValueError(f"unknown mode '{mode}' (expected 'tensor' or 'pipeline')")
 
 

@@ -189,7 +189,7 @@ class xLSTMBlock(nn.Module):
 class xLSTMBlockStack(BlockPipeline, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.blocks = [xLSTMBlock(args, i, kind == 1) for i, kind in enumerate(args.block_map)]
+        self.layers = [xLSTMBlock(args, i, kind == 1) for i, kind in enumerate(args.block_map)]
         if args.add_post_blocks_norm:
             self.post_blocks_norm = LayerNorm(args.embedding_dim)
 
@@ -242,6 +242,8 @@ class Model(nn.Module):
         backend that wrote them), conv weights to MLX's layout, the tied head dropped."""
         out = {}
         for key, value in weights.items():
+            # `layers.N.` as in mlx-lm's models, which its pipeline loading looks for.
+            key = key.replace("xlstm_block_stack.blocks.", "xlstm_block_stack.layers.")
             if self.args.tie_weights and key == "lm_head.weight":
                 continue
             if key.endswith("slstm_cell._recurrent_kernel_"):
