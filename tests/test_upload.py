@@ -62,13 +62,13 @@ def test_variants_have_the_asked_dtype_and_quantization(dry_run):
     # mixed_3_6: 6 bits for lm_head and, in the last eighth of the blocks, v and the FFN down projection.
     q = mixed["quantization"]
     assert q["lm_head"]["bits"] == 6
-    assert q["backbone.blocks.1.ffn.proj_down"]["bits"] == 6 and q["backbone.blocks.1.mlstm_layer.v"]["bits"] == 6
-    assert q["backbone.blocks.0.ffn.proj_down"]["bits"] == 3 and q["backbone.blocks.0.mlstm_layer.q"]["bits"] == 3
+    assert q["backbone.layers.1.ffn.down_proj"]["bits"] == 6 and q["backbone.layers.1.mlstm_layer.v_proj"]["bits"] == 6
+    assert q["backbone.layers.0.ffn.down_proj"]["bits"] == 3 and q["backbone.layers.0.mlstm_layer.q_proj"]["bits"] == 3
     from mlx_lm_xlstm.info import safetensors_bytes
 
     tensors = safetensors_bytes(list(built.values())[2])
-    assert "backbone.blocks.0.mlstm_layer.igate_preact.scales" not in tensors  # gates stay float
-    assert tensors["backbone.blocks.0.mlstm_layer.igate_preact.weight"][0] == "F32"  # cast_predicate
+    assert "backbone.layers.0.mlstm_layer.igate_preact.scales" not in tensors  # gates are never quantized
+    assert tensors["backbone.layers.0.mlstm_layer.igate_preact.weight"][0] == "F32"  # cast_predicate
 
 
 def test_built_folders_load_and_generate(dry_run):

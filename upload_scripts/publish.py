@@ -31,7 +31,6 @@ VARIANTS = {
     "mixed_2_6": (2, "mixed_2_6"),
 }
 DEFAULT_VARIANTS = ["bf16", "8bit", "4bit", "mixed_3_6"]
-HIGH_BITS = 6
 TAGS = ["mlx", "xlstm", "mlstm", "recurrent", "mlx-lm-xlstm"]
 
 
@@ -87,37 +86,14 @@ def check_hub(token):
     return api, user.get("name", "?")
 
 
-def mixed_predicate(recipe: str, config: dict, group_size: int):
-    """mlx-lm's mixed recipes (llama.cpp Q*_K_M-like), with xLSTM's module names: more bits for
-    the v projection and the FFN down projection in the first and last eighth of the blocks
-    and every third block between, and for lm_head; the model's own exclusions still apply."""
-    from mlx_lm_xlstm.xlstm import Model, ModelArgs
-
-    low = VARIANTS[recipe][0]
-    model_rule = Model(ModelArgs.from_dict(dict(config))).quant_predicate
-    n = config.get("num_hidden_layers") or config["num_blocks"]
-
-    def predicate(path, module):
-        if not model_rule(path, module):
-            return False
-        parts = path.split(".")
-        index = int(parts[2]) if parts[:2] == ["backbone", "blocks"] else 0
-        more = index < n // 8 or index >= 7 * n // 8 or (index - n // 8) % 3 == 2
-        if (path.endswith("mlstm_layer.v") or path.endswith("ffn.proj_down")) and more or path == "lm_head":
-            return {"group_size": group_size, "bits": HIGH_BITS, "mode": "affine"}
-        return {"group_size": group_size, "bits": low, "mode": "affine"}
-
-    return predicate
-
-
 def convert_variant(source: Path, dst: Path, variant: str, group_size: int):
     from mlx_lm import convert
 
     bits, recipe = VARIANTS[variant]
-    config = json.loads((source / "config.json").read_text())
+    # mlx-lm's own recipes: sanitize gives the layers the names they look for (v_proj, down_proj).
     convert(
         str(source), str(dst), dtype="bfloat16", quantize=bits is not None, q_bits=bits, q_group_size=group_size,
-        quant_predicate=mixed_predicate(recipe, config, group_size) if recipe else None,
+        quant_predicate=recipe,
     )
 
 
@@ -194,7 +170,7 @@ def describe_variant(variant: str, group_size: int) -> str:
     if bits is None:
         return "bfloat16 weights (unquantized)"
     if recipe:
-        return f"mixed {bits}/{HIGH_BITS}-bit affine quantization (mlx-lm's {recipe} recipe), group size {group_size}"
+        return f"mixed {recipe[len('mixed_'):].replace('_', '/')}-bit affine quantization (mlx-lm's {recipe} recipe), group size {group_size}"
     return f"{bits}-bit affine quantization, group size {group_size}"
 
 
