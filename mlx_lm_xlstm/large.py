@@ -31,6 +31,8 @@ class ModelArgs(BaseModelArgs):
     qk_dim_factor: float = 0.5
     v_dim_factor: float = 1.0
     chunk_size: int = 64
+    # Longest piece the chunkwise form takes at once: its working set grows with the piece.
+    max_inference_chunksize: int = 16384
     gate_soft_cap: float = 15.0
     output_logit_soft_cap: float = 30.0
     ffn_proj_factor: float = 2.667
@@ -60,7 +62,7 @@ class ModelArgs(BaseModelArgs):
                 f"xLSTM config: weight_mode '{self.weight_mode}' is not supported "
                 "(expected 'single' or 'fused')"
             )
-        for name in ("vocab_size", "num_heads", "chunk_size", "hidden_size", "num_hidden_layers"):
+        for name in ("vocab_size", "num_heads", "chunk_size", "max_inference_chunksize", "hidden_size", "num_hidden_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"xLSTM config: {name} must be positive, got {getattr(self, name)}")
         for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
@@ -149,6 +151,7 @@ class mLSTMLayer(nn.Module):
         D, H, bias = args.hidden_size, args.num_heads, args.use_bias
         self.num_heads = H
         self.chunk_size = args.chunk_size
+        self.max_piece = args.max_inference_chunksize
         self.gate_soft_cap = args.gate_soft_cap
         self.eps = args.eps
         self.q_proj = nn.Linear(D, args.qk_dim, bias=bias)
@@ -168,6 +171,19 @@ class mLSTMLayer(nn.Module):
             i = mx.where(mask[..., None], i, MASKED_I)
             log_f = mx.where(mask[..., None], log_f, 0.0)
         return i.swapaxes(1, 2), log_f.swapaxes(1, 2)
+
+    def _chunkwise(self, q, k, v, i, log_f, state):
+        """Pieces of at most max_inference_chunksize tokens, the state carried between them:
+        the same result as one pass, in a working set bounded whatever the length."""
+        hs = []
+        for s in range(0, q.shape[2], self.max_piece):
+            piece = slice(s, s + self.max_piece)
+            h, state = mlstm_chunkwise(
+                q[:, :, piece], k[:, :, piece], v[:, :, piece], i[..., piece], log_f[..., piece],
+                *state, chunk_size=self.chunk_size, eps=self.eps,
+            )
+            hs.append(h)
+        return mx.concatenate(hs, axis=2) if len(hs) > 1 else hs[0], state
 
     def __call__(self, x, mask=None, cache=None):
         B, T, _ = x.shape
@@ -189,7 +205,7 @@ class mLSTMLayer(nn.Module):
             h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], *state, eps=self.eps)
             h = h[:, :, None]
         else:
-            h, state = mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=self.chunk_size, eps=self.eps)
+            h, state = self._chunkwise(q, k, v, i, log_f, state)
         if cache is not None:
             cache[0], cache[1], cache[2] = state
 

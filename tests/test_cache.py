@@ -80,3 +80,12 @@ def test_zero_filled_merge_slot_is_the_initial_state():
     merged = [ArraysCache.merge([w, ArraysCache(3)]) for w in warm]
     out = model(mx.concatenate([mx.array([[1, 2, 3, 4]]), ids]), cache=merged)
     np.testing.assert_allclose(np.array(out[1]), np.array(model(ids)[0]), atol=ATOL, rtol=RTOL)
+
+
+def test_long_input_runs_in_bounded_pieces_with_the_same_result():
+    """A whole-sequence call longer than max_inference_chunksize is cut into pieces."""
+    from mlx_lm.utils import load_model
+
+    piecewise, _ = load_model(fixtures.FIXTURES / "single", model_config={"max_inference_chunksize": 48})
+    ids = mx.array(np.random.default_rng(5).integers(0, fixtures.VOCAB, (2, 130)))
+    np.testing.assert_allclose(np.array(piecewise(ids)), np.array(load_fixture("single")(ids)), atol=ATOL, rtol=RTOL)
