@@ -32,25 +32,31 @@ def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
     return h, (C, n, m_new)
 
 
+def _segment_sums(g):
+    """S[..., k, j] = g[j+1] + ... + g[k] for j <= k, -inf above the diagonal; summed
+    directly rather than as a difference of cumulative sums, which would cancel."""
+    n = g.shape[-1]
+    x = mx.where(mx.tri(n, k=-1, dtype=mx.bool_), mx.repeat(g[..., None], n, axis=-1), 0.0)
+    return mx.where(mx.tri(n, dtype=mx.bool_), mx.cumsum(x, axis=-2), -mx.inf)
+
+
 def _chunk_states(g, a_max, dC, dn, C, n, m):
-    """States entering each chunk, and the state after the last one.
+    """States entering each chunk, and the state after the last one, without a loop over chunks.
 
     g: (B, H, NC) log decay over each chunk; a_max: (B, H, NC) the stabiliser that
-    dC (B, H, NC, Dqk, Dv) and dn (B, H, NC, Dqk) were computed with.
+    dC (B, H, NC, Dqk, Dv) and dn (B, H, NC, Dqk) were computed with. With the initial
+    state as contribution 0 (stabiliser m), the state after chunk k is
+    sum_j<=k exp(a_j + g_j+1 + ... + g_k - m_k) * contribution_j, m_k the largest exponent.
     """
-    C_in, n_in, m_in = [], [], []
-    for c in range(g.shape[-1]):
-        C_in.append(C)
-        n_in.append(n)
-        m_in.append(m)
-        m_next = mx.maximum(g[..., c] + m, a_max[..., c])
-        decay = mx.exp(g[..., c] + m - m_next)
-        gain = mx.exp(a_max[..., c] - m_next)
-        C = decay[..., None, None] * C + gain[..., None, None] * dC[:, :, c]
-        n = decay[..., None] * n + gain[..., None] * dn[:, :, c]
-        m = m_next
-    stack = lambda xs: mx.stack(xs, axis=2)
-    return (stack(C_in), stack(n_in), stack(m_in)), (C, n, m)
+    B, H, NC = g.shape
+    a = mx.concatenate([m[..., None], a_max], axis=-1)
+    log_w = a[..., None, :] + _segment_sums(mx.concatenate([mx.zeros_like(m)[..., None], g], axis=-1))
+    m_all = log_w.max(axis=-1)
+    w = mx.exp(log_w - m_all[..., None])
+    Cs = mx.concatenate([C[:, :, None], dC], axis=2)
+    Cs = (w @ Cs.reshape(B, H, NC + 1, -1)).reshape(Cs.shape)
+    ns = w @ mx.concatenate([n[:, :, None], dn], axis=2)
+    return (Cs[:, :, :-1], ns[:, :, :-1], m_all[..., :-1]), (Cs[:, :, -1], ns[:, :, -1], m_all[..., -1])
 
 
 def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
