@@ -89,3 +89,26 @@ def test_long_input_runs_in_bounded_pieces_with_the_same_result():
     piecewise, _ = load_model(fixtures.FIXTURES / "single", model_config={"max_inference_chunksize": 48})
     ids = mx.array(np.random.default_rng(5).integers(0, fixtures.VOCAB, (2, 130)))
     np.testing.assert_allclose(np.array(piecewise(ids)), np.array(load_fixture("single")(ids)), atol=ATOL, rtol=RTOL)
+
+
+def test_compiled_decode_equals_the_plain_ops_path(monkeypatch):
+    """Decode steps run as one compiled function; MLX_XLSTM_KERNELS=0 runs the plain ops."""
+    import copy
+
+    import mlx.nn as nn
+
+    def decode(model):
+        cache = model.make_cache()
+        model(mx.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), cache=cache)
+        return mx.concatenate([model(mx.array([[t], [t + 4]]), cache=cache) for t in range(12)], axis=1)
+
+    model = load_fixture("fused_bias")
+    compiled = decode(model)
+    assert model.decode_step.fn is not None
+    twin = copy.deepcopy(model)
+    assert twin.decode_step.fn is None
+    nn.quantize(twin, group_size=32, bits=8)  # a changed model retraces
+    twin_compiled = decode(twin)
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    np.testing.assert_allclose(np.array(compiled), np.array(decode(model)), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.array(twin_compiled), np.array(decode(twin)), atol=ATOL, rtol=RTOL)
