@@ -172,10 +172,17 @@ def describe_quantization(q) -> str:
     return text
 
 
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return f"{n} B"
+
+
 def report(info: dict, bandwidths=(400.0,)) -> str:
     a = info["architecture"]
-    gb = lambda b: f"{b / 1e9:.3f} GB"
-    mib = lambda b: f"{b / 2**20:.2f} MiB"
+    gb = human_bytes
+    mib = lambda b: f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.2f} KiB"
     arch = ", ".join(f"{k} {v}" for k, v in a.items() if k != "kind")
     lines = [
         f"model:          {info['path']}  (sizes from {info['source']})",

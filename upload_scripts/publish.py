@@ -174,19 +174,13 @@ def describe_variant(variant: str, group_size: int) -> str:
     return f"{bits}-bit affine quantization, group size {group_size}"
 
 
-def size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def card(repo_id: str, variant: str, base_model, license_meta: dict, group_size: int, infos: dict,
          quality, repo_ids: dict, prompt: str, where: str) -> str:
     import mlx_lm
 
     import mlx_lm_xlstm
     from mlx_lm_xlstm import info as model_info
+    from mlx_lm_xlstm.info import human_bytes
 
     i = infos[variant]
     a = i["architecture"]
@@ -205,7 +199,7 @@ def card(repo_id: str, variant: str, base_model, license_meta: dict, group_size:
         tps = f"{q['generation_tps']:.1f}" if "generation_tps" in q else "—"
         bound = " / ".join(f"{model_info.decode_bound(v, bw):.0f}" for bw in (400, 800))
         me = " (this repo)" if name == variant else ""
-        rows.append(f"| [{name}](https://huggingface.co/{rid}){me} | {size(v['weight_bytes'])} | {ppl} | {tps} | {bound} |")
+        rows.append(f"| [{name}](https://huggingface.co/{rid}){me} | {human_bytes(v['weight_bytes'])} | {ppl} | {tps} | {bound} |")
     quality_note = (
         f"Perplexity (mlx-lm's `eval_ppl`, windows of {EVAL_WINDOW} tokens) on the first {quality['tokens']} tokens "
         f"of {quality['text']}; the source weights ({quality['source']['dtype']}) give "
@@ -220,15 +214,15 @@ def card(repo_id: str, variant: str, base_model, license_meta: dict, group_size:
 Converted with mlx-lm {mlx_lm.__version__}'s `convert` and [mlx-lm-xlstm](https://pypi.org/project/mlx-lm-xlstm/) {mlx_lm_xlstm.__version__}, the plugin that teaches mlx-lm the `xlstm` model type.
 
 xLSTM is a recurrent language model of mLSTM blocks (matrix memory with exponential gating):
-its state per sequence is constant in length, {size(i['state_bytes'])} of fp32 C, n and m
+its state per sequence is constant in length, {human_bytes(i['state_bytes'])} of fp32 C, n and m
 over {a.get('blocks', '?')} blocks, whatever the context.
 
 | | |
 |---|---|
 | parameters | {i['parameters']:,} |
 | blocks / heads / hidden | {a.get('blocks')} / {a.get('heads')} / {a.get('hidden_size')} |
-| weights | {size(i['weight_bytes'])} |
-| state per sequence | {size(i['state_bytes'])} (fp32) |
+| weights | {human_bytes(i['weight_bytes'])} |
+| state per sequence | {human_bytes(i['state_bytes'])} (fp32) |
 
 ## Use
 
