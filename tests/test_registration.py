@@ -63,3 +63,23 @@ def test_cli_greedy_tokens_equal_transformers(tmp_path):
         )[0, len(ids):].tolist()
     expected = [t for t in expected if t != 0]  # mlx-lm does not print the EOS token
     assert generate(tmp_path, prompt, 12) == tokenizer.decode(expected)
+
+
+def test_the_wheel_carries_the_hook(tmp_path):
+    """A wheel install (not only an editable one) puts the .pth at site-packages' root."""
+    root = Path(mlx_lm_xlstm.__file__).parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", root],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("mlx_lm_xlstm-*.whl"))
+    site_dir = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site_dir, wheel],
+                   check=True, capture_output=True, timeout=300)
+    assert (site_dir / "mlx_lm_xlstm.pth").is_file()
+    # -S: no .pth of this environment (nor our editable install) runs, only the wheel's;
+    # sys.path[0] (the working directory, this repository) is dropped.
+    out = python(
+        f"import sys, site; sys.path[:] = [{sysconfig.get_paths()['purelib']!r}] + sys.path[1:]; "
+        f"site.addsitedir({str(site_dir)!r}); import mlx_lm.models.xlstm as m; print(m.__file__)",
+        "-S",
+    )
+    assert out.startswith(str(site_dir))
