@@ -85,8 +85,9 @@ def training_text(limit: int = 200_000) -> str:
     return "\n".join(parts)[:limit]
 
 
-def build_tokenizer(path, vocab_size: int):
-    """Byte-level BPE in the GPT-NeoX layout: <|endoftext|> = 0 (BOS/EOS/UNK), <|padding|> = 1."""
+def build_tokenizer(path, vocab_size: int, texts=None):
+    """Byte-level BPE in the GPT-NeoX layout: <|endoftext|> = 0 (BOS/EOS/UNK), <|padding|> = 1,
+    trained on `texts` (default: a slice of the standard library's source)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -97,7 +98,7 @@ def build_tokenizer(path, vocab_size: int):
         vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator([training_text()], trainer)
+    tok.train_from_iterator(texts or [training_text()], trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
         unk_token="<|endoftext|>", pad_token="<|padding|>",

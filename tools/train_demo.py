@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+
 VOCAB = 4096
 CONFIG = dict(
     model_type="xlstm",
@@ -78,35 +81,13 @@ def read_texts(files) -> list:
     return [p.read_text(encoding="utf-8", errors="replace") for p in files]
 
 
-def train_tokenizer(texts, vocab_size: int, path: Path):
-    """Byte-level BPE in the GPT-NeoX layout (as tools/fixtures.py):
-    <|endoftext|> = 0 (BOS/EOS/UNK), <|padding|> = 1."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<|padding|>",
-    )
-    fast.save_pretrained(path)
-    return tok
-
-
 def prepare(work: Path, vocab_size: int = VOCAB, lib: Path = None, max_files: int = None):
     """Tokenizer files under work/tokenizer, token streams (files joined by <|endoftext|>)
     in work/train.npy and work/valid.npy."""
     files = stdlib_files(lib)[:max_files]
     texts = read_texts(files)
     work.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(texts, vocab_size, work / "tokenizer")
+    tok = fixtures.build_tokenizer(work / "tokenizer", vocab_size, texts).backend_tokenizer
     streams = {"train": [], "valid": []}
     holdout = min(HOLDOUT_EVERY, len(texts))
     for n, enc in enumerate(tok.encode_batch(texts)):
