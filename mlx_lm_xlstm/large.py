@@ -273,19 +273,15 @@ class Model(nn.Module):
         fresh = first is None or first.empty()
         if not fresh:
             _check_cache(self, cache)
-            if T == 1 and mask is None and self.compiled_decode:
-                logits = _compiled_decode(self, inputs, cache)
-                for c in cache:
-                    c.advance(T)
-                return logits
-        with_bos = self.args.force_bos_token_insert and fresh
-        if with_bos:
-            inputs, mask = self._insert_bos(inputs, mask)
-        logits = self._logits(inputs, mask, cache)
-        if cache:
-            for c in cache:
-                c.advance(T)
-        return logits[:, 1:] if with_bos else logits
+        if not fresh and T == 1 and mask is None and self.compiled_decode:
+            logits = _compiled_decode(self, inputs, cache)
+        elif fresh and self.args.force_bos_token_insert:
+            logits = self._logits(*self._insert_bos(inputs, mask), cache)[:, 1:]
+        else:
+            logits = self._logits(inputs, mask, cache)
+        for c in cache or []:
+            c.advance(T)
+        return logits
 
     def _decode_states(self, inputs, states):
         cache = [ArraysCache(size=3) for _ in states]
