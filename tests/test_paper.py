@@ -343,3 +343,12 @@ def test_mlx_lm_trainer(tmp_path):
     train(model, optim.Adam(learning_rate=5e-3), data, args=args, training_callback=Losses())
     assert len(Losses.values) == 12
     assert Losses.values[-1] < 0.85 * Losses.values[0]
+
+
+def test_quantization_leaves_the_mlstm_gates_exact():
+    from mlx_lm.utils import quantize_model
+
+    model, _ = quantize_model(load(pf.FIXTURES / "paper_mixed"), {}, group_size=32, bits=4)
+    cell = model.layers[0].xlstm.mlstm_cell
+    assert not hasattr(cell.igate, "scales") and not hasattr(cell.fgate, "scales")
+    assert hasattr(model.layers[0].xlstm.proj_down, "scales")

@@ -12,6 +12,7 @@ relative, inside the 1e-4 parity tolerance).
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..large import GateProjection
 from ..mlstm import MASKED_I, mlstm_chunkwise, mlstm_step
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, small_init, wang_init
 
@@ -23,8 +24,8 @@ class mLSTMCell(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.chunk_size = CHUNK_SIZE
-        self.igate = nn.Linear(3 * inner_dim, num_heads)
-        self.fgate = nn.Linear(3 * inner_dim, num_heads)
+        self.igate = GateProjection(3 * inner_dim, num_heads)
+        self.fgate = GateProjection(3 * inner_dim, num_heads)
         # Reference init: gates start from their biases; forget gates open (3..6).
         self.igate.weight = mx.zeros_like(self.igate.weight)
         self.igate.bias = 0.1 * mx.random.normal((num_heads,))
@@ -37,8 +38,8 @@ class mLSTMCell(nn.Module):
         B, T, _ = q.shape
         H = self.num_heads
         gate_in = mx.concatenate([q, k, v], axis=-1)
-        i = self.igate(gate_in).astype(mx.float32)
-        log_f = nn.log_sigmoid(self.fgate(gate_in).astype(mx.float32))
+        i = self.igate(gate_in)
+        log_f = nn.log_sigmoid(self.fgate(gate_in))
         if mask is not None:
             i = mx.where(mask[..., None], i, MASKED_I)
             log_f = mx.where(mask[..., None], log_f, 0.0)

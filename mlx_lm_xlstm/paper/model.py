@@ -285,10 +285,5 @@ class Model(nn.Module):
         return b.reshape(NH, NUM_GATES, DH)
 
     @property
-    def quant_predicate(self):
-        # The mLSTM gate projections have one output per head: keep them exact.
-        return lambda path, module: not path.endswith(("mlstm_cell.igate", "mlstm_cell.fgate"))
-
-    @property
     def cast_predicate(self):
         return lambda path: not ("mlstm_cell.igate" in path or "mlstm_cell.fgate" in path or "slstm_cell" in path)
