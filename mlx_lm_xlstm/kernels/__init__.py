@@ -136,7 +136,7 @@ def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
     return chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
 
 
-# The cell is many small elementwise ops around a few matmuls (and, in prefill, a loop
-# over chunks): compiling fuses them into far fewer launches.
+# The cell is many small elementwise ops around a few matmuls: compiling fuses them into
+# far fewer launches.
 _compiled_step = mx.compile(ops.mlstm_step)
 _compiled_chunkwise = mx.compile(ops.mlstm_chunkwise)
