@@ -5,19 +5,16 @@
 
 For each variant (bf16, 8bit, 4bit, mixed_3_6, ...) it runs mlx-lm's own `convert`, measures
 perplexity against the source weights and decode speed on this machine, writes a model card,
-and uploads the folder (create_repo + upload_folder). Everything is built in a temporary
-folder under --out and moved into place only when complete. --dry-run needs no network:
+and uploads the folder (create_repo + upload_folder). Each folder is built in a temporary
+one beside it under --out, and all are moved into place only when complete. --dry-run needs no network:
 it builds the folders and prints what would be uploaded.
 """
 
 import argparse
 import contextlib
 import io
-import json
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 VARIANTS = {
@@ -275,16 +272,15 @@ def build(source: Path, out: Path, name: str, org: str, variants: list, group_si
           license_meta: dict, evaluation: dict, overwrite: bool) -> dict:
     """Every variant's folder, measured and carded, then moved into out/ all at once."""
     from mlx_lm_xlstm import info as model_info
+    from mlx_lm_xlstm.convert import atomic_folder
 
     repo_ids = {v: f"{org}/{name}-{v}" for v in variants}
     targets = {v: out / f"{name}-{v}" for v in variants}
     existing = [str(t) for t in targets.values() if t.exists()]
     if existing and not overwrite:
         raise PublishError(f"already built: {', '.join(existing)} (pass --overwrite to rebuild)")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=out))
-    try:
-        folders = {v: tmp / targets[v].name for v in variants}
+    with contextlib.ExitStack() as stack:  # all move into place at the end, or none stays
+        folders = {v: stack.enter_context(atomic_folder(targets[v], overwrite)) for v in variants}
         for v, folder in folders.items():
             print(f"[publish] converting {v} -> {repo_ids[v]}", flush=True)
             convert_variant(source, folder, v, group_size)
@@ -296,15 +292,7 @@ def build(source: Path, out: Path, name: str, org: str, variants: list, group_si
                 card(repo_ids[v], v, base_model, license_meta, group_size, infos, quality, repo_ids,
                      (evaluation or {}).get("prompt", "The capital of France is"), where)
             )
-        if quality:
-            (tmp / "quality.json").write_text(json.dumps(quality, indent=2))
-        for v, folder in folders.items():
-            if targets[v].exists():
-                shutil.rmtree(targets[v])
-            folder.rename(targets[v])
-        return {repo_ids[v]: targets[v] for v in variants}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return {repo_ids[v]: targets[v] for v in variants}
 
 
 def print_plan(built: dict, dry_run: bool):
