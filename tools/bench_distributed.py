@@ -50,6 +50,7 @@ def make_model(
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import fixtures
     from mlx_lm_xlstm import large
+    from mlx_lm_xlstm.convert import atomic_folder
 
     path = Path(path)
     config = {
@@ -77,17 +78,14 @@ def make_model(
     model.update(tree_map_with_path(init, model.parameters()))
     if q_bits:
         model, config = quantize_model(model, config, q_group_size, q_bits)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model, donate_model=True)
-    save_config(config, tmp / "config.json")
-    if tokenizer_from:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(Path(tokenizer_from) / name, tmp / name)
-    else:
-        fixtures.build_tokenizer(tmp, TOKENIZER_VOCAB)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_folder(path, overwrite=True) as tmp:
+        save_model(tmp, model, donate_model=True)
+        save_config(config, tmp / "config.json")
+        if tokenizer_from:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(Path(tokenizer_from) / name, tmp / name)
+        else:
+            fixtures.build_tokenizer(tmp, TOKENIZER_VOCAB)
     return path
 
 

@@ -7,10 +7,11 @@ tokenizer trained on the same text. The result is an ordinary mlx-lm model folde
     python tools/train_demo.py train --work .demo_build --out DIR --max-seconds 240
 
 `prepare` and `train` are split so the data can be made once (here) and the training run
-elsewhere (the GPU machine) on exactly the same tokens. `--backend mlx` trains our Model under
-mx.compile; `--backend torch` trains transformers' xLSTM (same weights, same names) for CPUs,
-where MLX's Linux BLAS is ~25x slower than PyTorch's. Either way the held-out loss is measured
-with our MLX model, so the number in training.json is what mlx-lm users get.
+elsewhere (the GPU machine) on exactly the same tokens. `--backend mlx` trains our Model, under
+mx.compile unless `--no-compile` (the committed demo trained eagerly: on CUDA the compiled step
+took minutes to JIT); `--backend torch` trains transformers' xLSTM (same weights, same names) for
+CPU-only machines, where MLX's Linux BLAS is ~25x slower than PyTorch's. Either way the held-out
+loss is measured with our MLX model, so the number in training.json is what mlx-lm users get.
 demo/README.md records how the committed demo was made.
 """
 
@@ -20,7 +21,6 @@ import math
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -170,7 +170,7 @@ class Schedule:
 
 
 def train_mlx(config, data, schedule, log, compile_step=True):
-    """Our Model, AdamW, value_and_grad under mx.compile. Returns the weights."""
+    """Our Model, AdamW, value_and_grad (under mx.compile if compile_step). Returns the weights."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -319,22 +319,15 @@ def save(model, config: dict, tokenizer: Path, out: Path, record: dict):
     record; written into a temporary folder beside `out`, then moved into place."""
     import mlx.core as mx
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        weights = dict(_flat(model))
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    from mlx_lm_xlstm.convert import atomic_folder
+
+    with atomic_folder(out, overwrite=True) as folder:
+        folder.mkdir()
+        mx.save_safetensors(str(folder / "model.safetensors"), dict(_flat(model)), metadata={"format": "mlx"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for f in tokenizer.iterdir():
-            shutil.copy(f, tmp / f.name)
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copy(f, folder / f.name)
+        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {out}", flush=True)
 
 
