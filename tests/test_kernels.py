@@ -1,6 +1,6 @@
-"""The fused decode kernel: dispatch and fallback (run everywhere, with a stand-in kernel),
-the CUDA source (compiled with nvcc where it is installed) and kernel-vs-ops parity
-(on a GPU: CUDA or Metal)."""
+"""The fused kernels (decode step, prefill chunk states): dispatch and fallback (run
+everywhere, with stand-in kernels), the CUDA sources (compiled with nvcc where it is
+installed) and kernel-vs-ops parity (on a GPU: CUDA or Metal)."""
 
 import os
 import shutil
@@ -13,7 +13,7 @@ import pytest
 
 from mlx_lm_xlstm import kernels
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import step
+from mlx_lm_xlstm.kernels import chunk_states, step
 
 ON_GPU = step.kernel is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no Metal or CUDA device: kernel not built")
@@ -141,17 +141,92 @@ def test_gradients_through_the_kernel_are_the_ops_gradients(stand_in):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
 
 
-def test_chunkwise_dispatch_is_the_ops_path():
-    keys = mx.random.split(mx.random.key(8), 5)
-    B, H, T, Dqk, Dv = 1, 2, 7, 8, 16
-    q, k = (mx.random.normal((B, H, T, Dqk), key=keys[j]) for j in (0, 1))
-    v = mx.random.normal((B, H, T, Dv), key=keys[2])
-    i = mx.random.normal((B, H, T), key=keys[3])
+def random_prompt(B, H, T, Dqk, Dv, dtype, key, masked_from=None):
+    """Chunkwise inputs and a random state; sequence 0 masked from `masked_from` on."""
+    keys = mx.random.split(mx.random.key(key), 8)
+    q, k = (mx.random.normal((B, H, T, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
+    v = mx.random.normal((B, H, T, Dv), key=keys[2]).astype(dtype)
+    i = 3 * mx.random.normal((B, H, T), key=keys[3])
     log_f = -mx.abs(mx.random.normal((B, H, T), key=keys[4]))
-    state = (mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H)))
-    got = kernels.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=4)
-    want = ops.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=4)
-    assert_close(flat(got), flat(want), 1e-5, 1e-6)  # compiled: fused, rounds differently
+    if masked_from is not None:
+        i[0, :, masked_from:] = ops.MASKED_I
+        log_f[0, :, masked_from:] = 0.0
+    C = mx.random.normal((B, H, Dqk, Dv), key=keys[5])
+    n = mx.random.normal((B, H, Dqk), key=keys[6])
+    m = mx.random.normal((B, H), key=keys[7])
+    return q, k, v, i, log_f, C, n, m
+
+
+class StandInChunkStates:
+    """Answers a chunk-state `launch` call like the compiled kernel, with `mlstm.chunk_states`."""
+
+    def __init__(self, wrong=False):
+        self.calls = 0
+        self.wrong = wrong
+
+    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose):
+        self.calls += 1
+        g, a_max, dC, dn, C, n, m = inputs
+        assert dict(template)["NC"] == g.shape[-1] and grid[0] % threadgroup[0] == 0
+        assert grid[0] >= dC.shape[-1] * dC.shape[-2] + dn.shape[-1] and grid[1] == g.shape[0] * g.shape[1]
+        (C_in, n_in, m_in), (C, n, m) = ops.chunk_states(g, a_max, dC, dn, C, n, m)
+        return [C_in, n_in, m_in, C + 1.0 if self.wrong else C, n, m]
+
+
+@pytest.fixture
+def stand_in_chunk_states(monkeypatch):
+    def install(wrong=False):
+        kernel = StandInChunkStates(wrong)
+        monkeypatch.setattr(chunk_states, "kernel", kernel)
+        monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
+        monkeypatch.setitem(kernels._verified, "chunk_states", None)
+        monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
+        return kernel
+
+    return install
+
+
+def test_chunkwise_dispatch_uses_the_chunk_state_kernel(stand_in_chunk_states):
+    kernel = stand_in_chunk_states()
+    args = random_prompt(2, 2, 11, 8, 16, mx.float32, key=8, masked_from=5)
+    got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+    assert kernel.calls >= 2 and kernels._verified["chunk_states"] is True
+    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 1e-5, 1e-6)
+
+
+def test_a_wrong_chunk_state_kernel_warns_and_falls_back(stand_in_chunk_states):
+    kernel = stand_in_chunk_states(wrong=True)
+    args = random_prompt(1, 2, 9, 8, 16, mx.float32, key=9)
+    with pytest.warns(UserWarning, match="chunk_states kernel is disabled"):
+        got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+    calls = kernel.calls
+    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 1e-5, 1e-6)
+    kernels.mlstm_chunkwise(*args, chunk_size=4)
+    assert kernel.calls == calls and kernels._verified["chunk_states"] is False
+
+
+def test_chunkwise_without_kernels_is_the_ops_path(stand_in_chunk_states, monkeypatch):
+    kernel = stand_in_chunk_states()
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    args = random_prompt(1, 2, 7, 8, 16, mx.float32, key=10)
+    got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+    assert kernel.calls == 0
+    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 0, 0)
+
+
+def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in_chunk_states):
+    stand_in_chunk_states()
+    q, k, v, i, log_f, C, n, m = random_prompt(1, 2, 10, 8, 16, mx.float32, key=12)
+
+    def grads(chunkwise):
+        def f(q, k, v, i, C):
+            h, (C2, n2, m2) = chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=4)
+            return (h * h).sum() + C2.sum() + n2.sum()
+
+        return mx.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, i, C)
+
+    for got, want in zip(grads(kernels.mlstm_chunkwise), grads(ops.mlstm_chunkwise)):
+        assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
 
 
 # ---- the CUDA source, as MLX wraps it, through nvcc (where nvcc is installed) ------------
@@ -167,12 +242,26 @@ def cuda_source(dtype, Dqk, Dv, body=None):
     in_types = [t, t, t] + ["float"] * 6
     params = [f"    const {ty}* {name}" for ty, name in zip(in_types, step.INPUTS)]
     params += [f"    float* {name}" for name in step.OUTPUTS]
+    return _translation_unit("mlstm_step", params, f"constexpr int DQK = {Dqk}; constexpr int DV = {Dv};", body)
+
+
+def cuda_chunk_states_source(dtype, NC, Dqk, Dv, body=None):
+    body = chunk_states.source(chunk_states._CUDA) if body is None else body
+    t = CUDA_TYPES[dtype]
+    in_types = ["float", "float", t] + ["float"] * 4
+    params = [f"    const {ty}* {name}" for ty, name in zip(in_types, chunk_states.INPUTS)]
+    params += [f"    {ty}* {name}" for ty, name in zip([t] + ["float"] * 5, chunk_states.OUTPUTS)]
+    constants = f"using T = {t}; constexpr int NC = {NC}; constexpr int DQK = {Dqk}; constexpr int DV = {Dv};"
+    return _translation_unit("mlstm_chunk_states", params, constants, body)
+
+
+def _translation_unit(name, params, constants, body):
     return (
         "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
         "#define inf cuda::std::numeric_limits<float>::infinity()\n"
         "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        f"__global__ void custom_kernel_mlstm_step(\n" + ",\n".join(params) + ") {\n"
-        f"  constexpr int DQK = {Dqk};\n  constexpr int DV = {Dv};\n{body}\n}}\n}}\n"
+        f"__global__ void custom_kernel_{name}(\n" + ",\n".join(params) + ") {\n"
+        f"  {constants}\n{body}\n}}\n}}\n"
     )
 
 
@@ -197,6 +286,13 @@ def test_cuda_step_source_compiles():
     assert result.returncode == 0, result.stderr
     broken = step.source(step._CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;")
     assert nvcc(cuda_source(mx.float32, 16, 40, broken)).returncode != 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_cuda_chunk_states_source_compiles(dtype):
+    result = nvcc(cuda_chunk_states_source(dtype, 32, 256, 512))
+    assert result.returncode == 0, result.stderr
 
 
 # ---- parity on the GPU --------------------------------------------------------------------
@@ -227,3 +323,27 @@ def test_kernel_over_many_steps_stays_with_ops():
         mx.eval(h_k, state_k, h_o, state_o)
     assert kernels._verified["step"] is True
     assert_close((h_k, *state_k), (h_o, *state_o), rtol=1e-3, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B, NC, Dqk, Dv", [(1, 32, 256, 512), (3, 5, 12, 40)])
+def test_chunk_state_kernel_matches_ops(dtype, B, NC, Dqk, Dv):
+    args = kernels._random_chunk_inputs(B=B, H=2, NC=NC, Dqk=Dqk, Dv=Dv, dtype=dtype)
+    (got_in, got_out), (want_in, want_out) = chunk_states.launch(chunk_states.kernel, *args), ops.chunk_states(*args)
+    assert got_in[0].dtype == dtype
+    assert_close((*got_in, *got_out), (*want_in, *want_out), rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("T", [64, 200, 2048])
+def test_fused_chunkwise_matches_ops(dtype, T):
+    args = random_prompt(2, 8, T, 256, 512, dtype, key=T, masked_from=T // 3)
+    got = flat(kernels.mlstm_chunkwise(*args))
+    want = flat(ops.mlstm_chunkwise(*args))
+    assert kernels._verified["chunk_states"] is True
+    assert_close(got[1:], want[1:], rtol=1e-4, atol=1e-5)  # the state: fp32 all the way
+    # h: bf16 matmuls round the entering states (C_in) differently by an ulp here and there
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    assert (mx.abs(got[0] - want[0]).max() <= tol * mx.abs(want[0]).max()).item()

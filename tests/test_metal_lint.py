@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_lm_xlstm.kernels import step
+from mlx_lm_xlstm.kernels import chunk_states, step
 
 SHIM = Path(__file__).with_name("metal_shim.h")
 
@@ -96,3 +96,40 @@ def test_lint_catches_a_broken_kernel(breakage):
     result = lint(_step_source(body.replace(before, after, 1), mx.float32, 16, 32))
     assert result.returncode != 0
     assert "error" in result.stderr
+
+
+def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
+    kernel = mx.fast.metal_kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body)
+
+    def call(g, a_max, dC, dn, C, n, m):
+        (C_in, n_in, m_in), (C, n, m) = chunk_states.launch(kernel, g, a_max, dC, dn, C, n, m, verbose=True)
+        return C_in, n_in, m_in, C, n, m
+
+    f32 = mx.float32
+    args = [
+        mx.zeros((B, H, NC), f32),
+        mx.zeros((B, H, NC), f32),
+        mx.zeros((B, H, NC, Dqk, Dv), dtype),
+        mx.zeros((B, H, NC, Dqk), f32),
+        mx.zeros((B, H, Dqk, Dv), f32),
+        mx.zeros((B, H, Dqk), f32),
+        mx.zeros((B, H), f32),
+    ]
+    return generated_metal_source(call, *args)
+
+
+@pytest.mark.parametrize(
+    "dtype, NC, Dqk, Dv",
+    [(mx.float32, 32, 256, 512), (mx.bfloat16, 32, 256, 512), (mx.float16, 3, 12, 40)],
+)
+def test_chunk_states_kernel_passes_lint(dtype, NC, Dqk, Dv):
+    source = _chunk_states_source(chunk_states.source(chunk_states._METAL), dtype, NC, Dqk, Dv)
+    assert "static_cast<T>" in source and f", {NC}, {Dqk}, {Dv}>" in source
+    result = lint(source)
+    assert result.returncode == 0, result.stderr
+
+
+def test_lint_catches_a_broken_chunk_states_kernel():
+    body = chunk_states.source(chunk_states._METAL).replace("m_run = m_next;", "m_run = m_nxt;")
+    result = lint(_chunk_states_source(body, mx.float32, 4, 8, 16))
+    assert result.returncode != 0 and "m_nxt" in result.stderr

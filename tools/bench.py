@@ -7,7 +7,12 @@ Our side is the package's Model with random weights (no download). The reference
 (transformers' xLSTMForCausalLM, native kernels, and NX-AI's mlstm_kernels Triton kernels
 where installed) runs only where torch sees a CUDA device. Numbers:
   prefill tok/s   whole prompt, fed in mlx-lm's 2048-token steps, state evaluated
-                  ("ops": MLX_XLSTM_KERNELS=0, the plain uncompiled cell)
+                  ("ops": MLX_XLSTM_KERNELS=0, the plain uncompiled cell; "one pass": the
+                  whole prompt in one call, as the reference side runs it)
+  GEMM floor      every Linear of the model on the prompt's tokens (random inputs), all
+                  evaluated together: the prefill ceiling with MLX's matmuls
+  cell ms         the mLSTM cell alone over all layers for one 2048-token step, fused
+                  chunk-state kernel and pure-MLX (compiled)
   step-loop tok/s the same prompt fed one token at a time (CPU shapes)
   decode tok/s    greedy steps, all sequences together (batch x steps / time), eager and
                   mx.compile'd, fused kernel on and off (MLX_XLSTM_KERNELS)
@@ -90,22 +95,52 @@ def tokens(B, T, vocab, seed=0):
     return mx.random.randint(0, vocab, (B, T), key=mx.random.key(seed))
 
 
-def prefill(model, prompt):
+def prefill(model, prompt, step=PREFILL_STEP):
     """Feed the prompt as mlx-lm does; return the last logits and the cache."""
     cache = model.make_cache()
     T = prompt.shape[1]
-    for start in range(0, T - 1, PREFILL_STEP):
-        model(prompt[:, start : min(start + PREFILL_STEP, T - 1)], cache=cache)
+    for start in range(0, T - 1, step):
+        model(prompt[:, start : min(start + step, T - 1)], cache=cache)
         mx.eval([c.cache for c in cache])
     logits = model(prompt[:, -1:], cache=cache)
     mx.eval(logits, [c.cache for c in cache])
     return logits, cache
 
 
-def prefill_tok_s(model, T, repeat=3):
+def prefill_tok_s(model, T, repeat=3, step=PREFILL_STEP):
     prompt = tokens(1, T, model.args.vocab_size)
-    t, peak = with_peak(lambda: timed(lambda: prefill(model, prompt), repeat))
+    t, peak = with_peak(lambda: timed(lambda: prefill(model, prompt, step), repeat))
     return T / t, peak
+
+
+def linears(model):
+    return [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+
+
+def gemm_floor_tok_s(model, T):
+    """Every Linear on T tokens of random input, all evaluated together: the prefill
+    ceiling MLX's matmuls set, with nothing else of the model."""
+    layers = linears(model)
+    xs = [mx.random.normal((1, T, layer.weight.shape[1]), key=mx.random.key(j)).astype(layer.weight.dtype) for j, layer in enumerate(layers)]
+    mx.eval(xs)
+    return T / timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]))
+
+
+def cell_ms(model, T=PREFILL_STEP):
+    """The mLSTM cell alone, over all layers, for one T-token step at the model's shapes."""
+    from mlx_lm_xlstm import kernels
+
+    a = model.args
+    H, dtype = a.num_heads, model.lm_head.weight.dtype
+    keys = mx.random.split(mx.random.key(3), 5)
+    q, k = (mx.random.normal((1, H, T, a.qk_dim // H), key=keys[j]).astype(dtype) for j in (0, 1))
+    v = mx.random.normal((1, H, T, a.v_dim // H), key=keys[2]).astype(dtype)
+    i = mx.random.normal((1, H, T), key=keys[3])
+    log_f = nn.log_sigmoid(3 + mx.random.normal((1, H, T), key=keys[4]))
+    state = (mx.zeros((1, H, a.qk_dim // H, a.v_dim // H)), mx.zeros((1, H, a.qk_dim // H)), mx.zeros((1, H)))
+    mx.eval(q, k, v, i, log_f, state)
+    run = lambda: mx.eval([kernels.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=a.chunk_size) for _ in model.layers])
+    return 1e3 * timed(run)
 
 
 def step_loop_tok_s(model, T):
@@ -169,7 +204,7 @@ def decode_tok_s(model, B, steps, compiled):
 def matvec_floor_tok_s(model, B):
     """All the model's Linear layers on random inputs, evaluated together: one decode's
     worth of weight traffic with no recurrence between layers."""
-    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    layers = linears(model)
     dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
     xs = []
     for j, layer in enumerate(layers):
@@ -178,6 +213,17 @@ def matvec_floor_tok_s(model, B):
     mx.eval(xs)
     t = timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]), repeat=10)
     return B / t
+
+
+def _no_chunk_kernel(fn):
+    """The compiled pure-MLX chunkwise (kernels on otherwise)."""
+    from mlx_lm_xlstm.kernels import chunk_states
+
+    saved, chunk_states.kernel = chunk_states.kernel, None
+    try:
+        return with_kernels(True, fn)
+    finally:
+        chunk_states.kernel = saved
 
 
 def with_kernels(on, fn):
@@ -275,7 +321,13 @@ def our_rows(shape, dtype, lengths, batches, steps, quant_bits, loop_len):
     row = dict(system=f"mlx_lm_xlstm {dtype_name(dtype)}", weights_GiB=weight_bytes(model) / GiB)
     for T in lengths:
         row[f"prefill {T}"], row[f"peak GiB prefill {T}"] = prefill_tok_s(model, T)
+        row[f"prefill {T} one pass"], row[f"peak GiB prefill {T} one pass"] = prefill_tok_s(model, T, step=T)
         row[f"prefill {T} ops"] = with_kernels(False, lambda: prefill_tok_s(model, T)[0])
+        row[f"GEMM floor {T}"] = gemm_floor_tok_s(model, T)
+        row[f"prefill {T} one pass / GEMM floor"] = row[f"prefill {T} one pass"] / row[f"GEMM floor {T}"]
+    if lengths:
+        row[f"cell ms, {PREFILL_STEP} tokens, all layers"] = cell_ms(model)
+        row[f"cell ms, {PREFILL_STEP} tokens, all layers, no kernel"] = _no_chunk_kernel(lambda: cell_ms(model))
     if loop_len:
         row[f"step-loop {loop_len}"] = step_loop_tok_s(model, loop_len)
         row[f"prefill {loop_len}"] = prefill_tok_s(model, loop_len)[0]
@@ -318,6 +370,23 @@ def long_prompt_rows(model, lengths):
         )
         row[f"T={T}"] = dict(peak_GiB=peak, state_MiB=state_bytes(cache) / 2**20, finite=finite)
     return row
+
+
+def ratios(rows, lengths):
+    """Ours against the reference rows of the same run."""
+    ours = rows[0]
+    row = dict(system="ratios, same run")
+    for ref in (r for r in rows if r["system"].startswith("transformers")):
+        for T in lengths:
+            theirs = ref.get(f"prefill {T}")
+            if isinstance(theirs, float):
+                for label in (f"prefill {T}", f"prefill {T} one pass"):
+                    row[f"{label} / {ref['system']}"] = ours[label] / theirs
+        for key, theirs in ref.items():
+            if key.startswith("decode B=") and isinstance(theirs, float):
+                row[f"{key} compiled / {ref['system']}"] = ours[f"{key} compiled"] / theirs
+    if len(row) > 1:
+        rows.append(emit(row))
 
 
 def emit(row):
@@ -368,6 +437,7 @@ def main():
     rows = reference_rows(a.shape, lengths, batches, steps, a.reference.split(",")) if a.reference else []
     ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
     rows = ours + rows
+    ratios(rows, lengths)
     if a.long:
         del model
         gc.collect()

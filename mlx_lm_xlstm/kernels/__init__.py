@@ -1,15 +1,17 @@
-"""The mLSTM cell as the model calls it: a fused kernel where one runs, the pure-MLX path otherwise.
+"""The mLSTM cell as the model calls it: fused kernels where they run, the pure-MLX path otherwise.
 
 `mlstm_step` and `mlstm_chunkwise` take exactly the arguments of `mlx_lm_xlstm.mlstm`.
-The decode step uses the fused kernel of `step.py` when
-  - a Metal or CUDA kernel was built (a GPU is there) and the default device is the GPU,
+Two kernels replace a pure-MLX function of the same arguments:
+  - `step.py`: the whole decode step (`mlstm.mlstm_step`),
+  - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states`);
+    the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`.
+A kernel runs when
+  - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
   - `MLX_XLSTM_KERNELS` is not "0",
-  - the shapes and dtypes are ones the kernel takes (fp32 state, fp32/fp16/bf16 q, k, v),
-  - the kernel matched the pure-MLX step on a small random input the first time it was asked for.
-The kernel has the pure-MLX step's VJP (`mx.custom_function`), so training through it is exact.
-Otherwise, and for prefill, the pure-MLX cell runs under `mx.compile`, which fuses its
-elementwise ops (there is no prefill kernel: BENCHMARKS.md says why).
-MLX_XLSTM_KERNELS=0 forces the plain, uncompiled pure-MLX path.
+  - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
+  - it matched the pure-MLX function on a small random input the first time it was asked for.
+Each kernel has the pure-MLX function's VJP (`mx.custom_function`), so training through it is
+exact. MLX_XLSTM_KERNELS=0 forces the plain, uncompiled pure-MLX path.
 """
 
 import functools
@@ -19,6 +21,7 @@ import warnings
 import mlx.core as mx
 
 from .. import mlstm as ops
+from . import chunk_states as _chunk_states
 from . import step as _step
 
 __all__ = ["mlstm_step", "mlstm_chunkwise", "kernels_enabled"]
@@ -26,7 +29,7 @@ __all__ = ["mlstm_step", "mlstm_chunkwise", "kernels_enabled"]
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # None: not checked yet; then True/False once the first-use comparison has run.
-_verified = {"step": None}
+_verified = {"step": None, "chunk_states": None}
 
 
 def kernels_enabled() -> bool:
@@ -87,32 +90,65 @@ def _random_step_inputs(B=2, H=2, Dqk=16, Dv=40, dtype=mx.float32):
     return q, k, v, i, log_f, C, n, m
 
 
-def _matches_ops(kernel) -> bool:
-    """Compare the kernel with the pure-MLX step (fp32 and bf16 inputs, a masked sequence)."""
+def _random_chunk_inputs(B=2, H=2, NC=5, Dqk=16, Dv=40, dtype=mx.float32):
+    """Chunk contributions with one all-masked chunk (a_max = MASKED_I, g = 0)."""
+    keys = mx.random.split(mx.random.key(8), 7)
+    normal = lambda key, shape, scale=1.0: scale * mx.random.normal(shape, key=key)
+    g = -mx.abs(normal(keys[0], (B, H, NC), 4.0))
+    a_max = normal(keys[1], (B, H, NC), 3.0)
+    g[:, :, 2] = 0.0
+    a_max[:, :, 2] = ops.MASKED_I
+    dC = normal(keys[2], (B, H, NC, Dqk, Dv)).astype(dtype)
+    dn = normal(keys[3], (B, H, NC, Dqk))
+    return g, a_max, dC, dn, normal(keys[4], (B, H, Dqk, Dv)), normal(keys[5], (B, H, Dqk)), normal(keys[6], (B, H))
+
+
+def _all_close(got, want) -> bool:
+    return all(
+        mx.allclose(a.astype(mx.float32), b.astype(mx.float32), rtol=1e-4, atol=1e-5).item()
+        for a, b in zip(got, want)
+    )
+
+
+def _step_matches_ops() -> bool:
+    """The step kernel against the pure-MLX step (fp32 and bf16 inputs, a masked sequence)."""
     for dtype in (mx.float32, mx.bfloat16):
         args = _random_step_inputs(dtype=dtype)
         want_h, want_state = ops.mlstm_step(*args)
-        got_h, got_state = _step.launch(kernel, *args, 1e-6)
-        for got, want in zip((got_h, *got_state), (want_h, *want_state)):
-            if not mx.allclose(got, want, rtol=1e-4, atol=1e-5).item():
-                return False
+        got_h, got_state = _step.launch(_step.kernel, *args, 1e-6)
+        if not _all_close((got_h, *got_state), (want_h, *want_state)):
+            return False
     return True
 
 
-def _step_kernel_ok() -> bool:
-    if _verified["step"] is None:
+def _chunk_states_match_ops() -> bool:
+    """The chunk-state kernel against `mlstm.chunk_states` (fp32 and bf16 contributions)."""
+    for dtype in (mx.float32, mx.bfloat16):
+        args = _random_chunk_inputs(dtype=dtype)
+        (want_in, want_out), (got_in, got_out) = ops.chunk_states(*args), _chunk_states.launch(_chunk_states.kernel, *args)
+        if not _all_close((*got_in, *got_out), (*want_in, *want_out)):
+            return False
+    return True
+
+
+_CHECKS = {"step": _step_matches_ops, "chunk_states": _chunk_states_match_ops}
+
+
+def _kernel_ok(name: str) -> bool:
+    """Run the kernel's first-use comparison once; on a mismatch or failure, warn and say no."""
+    if _verified[name] is None:
         try:
-            ok = _matches_ops(_step.kernel)
-            reason = "its output differs from the pure-MLX step"
+            ok = _CHECKS[name]()
+            reason = "its output differs from the pure-MLX path"
         except Exception as e:  # a kernel that does not compile or launch
             ok, reason = False, f"it failed: {e}"
         if not ok:
             warnings.warn(
-                f"mlx_lm_xlstm: the fused mLSTM step kernel is disabled because {reason}; "
+                f"mlx_lm_xlstm: the fused mLSTM {name} kernel is disabled because {reason}; "
                 "using the pure-MLX path (set MLX_XLSTM_KERNELS=0 to silence this)."
             )
-        _verified["step"] = ok
-    return _verified["step"]
+        _verified[name] = ok
+    return _verified[name]
 
 
 def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
@@ -122,7 +158,7 @@ def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
         and kernels_enabled()
         and _on_gpu()
         and _step_shapes_fit(q, k, v, i, log_f, C, n, m)
-        and _step_kernel_ok()
+        and _kernel_ok("step")
     ):
         h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
         return h, (C, n, m)
@@ -131,12 +167,38 @@ def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
 
 
 def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
-    """Prefill; arguments and result as `mlx_lm_xlstm.mlstm.mlstm_chunkwise` (pure MLX)."""
-    chunkwise = _compiled_chunkwise if kernels_enabled() else ops.mlstm_chunkwise
+    """Prefill; arguments and result as `mlx_lm_xlstm.mlstm.mlstm_chunkwise`."""
+    if not kernels_enabled():
+        return ops.mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
+    fused = (
+        _chunk_states.kernel is not None
+        and _on_gpu()
+        and C.dtype == n.dtype == m.dtype == _STATE_DTYPE
+        and _kernel_ok("chunk_states")
+    )
+    chunkwise = _compiled_chunkwise_fused if fused else _compiled_chunkwise
     return chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
+
+
+@mx.custom_function
+def _fused_chunk_states(g, a_max, dC, dn, C, n, m):
+    (C_in, n_in, m_in), (C, n, m) = _chunk_states.launch(_chunk_states.kernel, g, a_max, dC, dn, C, n, m)
+    return C_in, n_in, m_in, C, n, m
+
+
+@_fused_chunk_states.vjp
+def _fused_chunk_states_vjp(primals, cotangents, outputs):
+    reference = lambda *args: [x for part in ops.chunk_states(*args) for x in part]
+    return tuple(mx.vjp(reference, list(primals), list(cotangents))[1])
+
+
+def _chunk_states_kernel(g, a_max, dC, dn, C, n, m):
+    C_in, n_in, m_in, C, n, m = _fused_chunk_states(g, a_max, dC, dn, C, n, m)
+    return (C_in, n_in, m_in), (C, n, m)
 
 
 # The cell is many small elementwise ops around a few matmuls: compiling fuses them into
 # far fewer launches.
 _compiled_step = mx.compile(ops.mlstm_step)
 _compiled_chunkwise = mx.compile(ops.mlstm_chunkwise)
+_compiled_chunkwise_fused = mx.compile(functools.partial(ops.mlstm_chunkwise, states=_chunk_states_kernel))

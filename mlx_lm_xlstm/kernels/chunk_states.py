@@ -1,0 +1,116 @@
+"""Chunk-state recurrence of the chunkwise prefill (`mlx_lm_xlstm.mlstm.chunk_states`), one
+kernel for Metal and one for CUDA, same algorithm.
+
+The chunkwise form is two parts (as in NX-AI's TFLA): matmuls inside each chunk, which
+MLX's GEMMs do on tensor cores, and the recurrence that carries the state from chunk to
+chunk. Written with ops, that recurrence is a weighted sum over all chunks, which moves
+each chunk's (Dqk, Dv) contribution through memory several times (concatenate, matmul,
+slice, cast). The kernel reads each contribution once and writes each entering state once.
+
+Work split: one thread per element of a head's [C | n] (Dqk * Dv + Dqk values), one grid
+row per (sequence, head); each thread walks the chunks in order. The stabiliser is a
+scalar recurrence that every thread recomputes (two loads per chunk, shared by the whole
+head, so cached). Consecutive threads touch consecutive elements: coalesced.
+"""
+
+import mlx.core as mx
+
+THREADS = 256
+
+_BODY = """
+    const uint e = GID_X;
+    const uint bh = GID_Y;
+    const uint CSIZE = DQK * DV;
+    if (e >= CSIZE + DQK) {
+        return;
+    }
+    const bool in_C = e < CSIZE;
+    const size_t stride = in_C ? CSIZE : DQK;
+    const size_t at = in_C ? e : e - CSIZE;
+    const size_t base = (size_t)bh * NC * stride + at;
+
+    float m_run = m[bh];
+    float s = in_C ? C[(size_t)bh * CSIZE + at] : n[(size_t)bh * DQK + at];
+    for (uint c = 0; c < NC; ++c) {
+        const size_t here = base + (size_t)c * stride;
+        if (in_C) {
+            C_in[here] = static_cast<T>(s);
+        } else {
+            n_in[here] = s;
+        }
+        if (e == 0) {
+            m_in[bh * NC + c] = m_run;
+        }
+        const float g_c = g[bh * NC + c];
+        const float a_c = a_max[bh * NC + c];
+        const float m_next = MAX(g_c + m_run, a_c);
+        const float d = in_C ? float(dC[here]) : float(dn[here]);
+        s = EXP(g_c + m_run - m_next) * s + EXP(a_c - m_next) * d;
+        m_run = m_next;
+    }
+    if (in_C) {
+        C_out[(size_t)bh * CSIZE + at] = s;
+    } else {
+        n_out[(size_t)bh * DQK + at] = s;
+    }
+    if (e == 0) {
+        m_out[bh] = m_run;
+    }
+"""
+
+_METAL = {
+    "GID_X": "thread_position_in_grid.x",
+    "GID_Y": "thread_position_in_grid.y",
+    "MAX": "metal::max",
+    "EXP": "metal::exp",
+    "size_t": "ulong",
+}
+_CUDA = {
+    "GID_X": "(blockIdx.x * blockDim.x + threadIdx.x)",
+    "GID_Y": "(blockIdx.y * blockDim.y + threadIdx.y)",
+    "MAX": "fmaxf",
+    "EXP": "expf",
+    # NVRTC compiles without the host's headers: spell the integer types out.
+    "uint": "unsigned int",
+    "size_t": "unsigned long long",
+}
+
+
+def source(backend: dict) -> str:
+    """The kernel body for one backend: the shared body with its spellings filled in."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(backend) + r")\b", lambda w: backend[w.group(0)], _BODY)
+
+
+INPUTS = ["g", "a_max", "dC", "dn", "C", "n", "m"]
+OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
+
+
+def _build():
+    if mx.metal.is_available():
+        return mx.fast.metal_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(_METAL))
+    if mx.cuda.is_available():
+        return mx.fast.cuda_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(_CUDA))
+    return None
+
+
+kernel = _build()
+
+
+def launch(kernel, g, a_max, dC, dn, C, n, m, verbose=False):
+    """Run `kernel` (built from this module's source); arguments and result as
+    `mlx_lm_xlstm.mlstm.chunk_states`."""
+    B, H, NC, Dqk, Dv = dC.shape
+    f32 = mx.float32
+    elements = -(-(Dqk * Dv + Dqk) // THREADS) * THREADS
+    C_in, n_in, m_in, C, n, m = kernel(
+        inputs=[g.astype(f32), a_max.astype(f32), dC, dn, C, n, m],
+        template=[("T", dC.dtype), ("NC", NC), ("DQK", Dqk), ("DV", Dv)],
+        grid=(elements, B * H, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[dC.shape, dn.shape, g.shape, C.shape, n.shape, m.shape],
+        output_dtypes=[dC.dtype] + [f32] * 5,
+        verbose=verbose,
+    )
+    return (C_in, n_in, m_in), (C, n, m)
