@@ -332,7 +332,9 @@ def test_chunk_state_kernel_matches_ops(dtype, B, NC, Dqk, Dv):
     args = kernels._random_chunk_inputs(B=B, H=2, NC=NC, Dqk=Dqk, Dv=Dv, dtype=dtype)
     (got_in, got_out), (want_in, want_out) = chunk_states.launch(chunk_states.kernel, *args), ops.chunk_states(*args)
     assert got_in[0].dtype == dtype
-    assert_close((*got_in, *got_out), (*want_in, *want_out), rtol=1e-4, atol=1e-5)
+    assert_close((*got_in[1:], *got_out), (*want_in[1:], *want_out), rtol=1e-4, atol=1e-5)
+    # C_in: rounded to bf16 from fp32 values that differ in the last bits: an ulp at most
+    assert_close(got_in[:1], want_in[:1], rtol=1e-4 if dtype == mx.float32 else 2**-7, atol=1e-5)
 
 
 @needs_gpu
