@@ -14,6 +14,7 @@ import pytest
 from mlx_lm_xlstm import kernels
 from mlx_lm_xlstm import mlstm as ops
 from mlx_lm_xlstm.kernels import chunk_states, step
+from mlx_lm_xlstm.kernels.spelling import CUDA
 
 ON_GPU = step.kernel is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no Metal or CUDA device: kernel not built")
@@ -46,36 +47,60 @@ def flat(result):
     return h, C, n, m
 
 
-# ---- dispatch, on any machine: a stand-in kernel that computes the ops step -------------
+# ---- dispatch, on any machine: stand-in kernels that compute with the ops functions ----
+
+
+def step_outputs(inputs, template, grid, threadgroup):
+    q, k, v, i, log_f, C, n, m, eps = inputs
+    assert template["DQK"] == q.shape[-1] and grid[0] % 32 == 0
+    assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[1]
+    h, (C, n, m) = ops.mlstm_step(q, k, v, i, log_f, C, n, m, eps=eps.item())
+    return [h, C, n, m]
+
+
+def chunk_state_outputs(inputs, template, grid, threadgroup):
+    g, a_max, dC, dn, C, n, m = inputs
+    assert template["NC"] == g.shape[-1] and grid[0] % threadgroup[0] == 0
+    assert grid[0] >= dC.shape[-1] * dC.shape[-2] + dn.shape[-1] and grid[1] == g.shape[0] * g.shape[1]
+    (C_in, n_in, m_in), (C, n, m) = ops.chunk_states(g, a_max, dC, dn, C, n, m)
+    return [C_in, n_in, m_in, C, n, m]
 
 
 class StandInKernel:
-    """Answers a `launch` call like the compiled kernel, computing with the ops step."""
+    """Answers a `launch` call like a compiled kernel, computing with the ops function;
+    `wrong` spoils the first fp32 output."""
 
-    def __init__(self, wrong=False):
+    def __init__(self, outputs, wrong=False):
+        self.outputs = outputs
         self.calls = 0
         self.wrong = wrong
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose):
         self.calls += 1
-        q, k, v, i, log_f, C, n, m, eps = inputs
-        assert dict(template)["DQK"] == q.shape[-1] and grid[0] % 32 == 0
-        assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[1]
-        h, (C, n, m) = ops.mlstm_step(q, k, v, i, log_f, C, n, m, eps=eps.item())
-        return [h + 1.0 if self.wrong else h, C, n, m]
+        out = self.outputs(inputs, dict(template), grid, threadgroup)
+        if self.wrong:
+            j = output_dtypes.index(mx.float32)
+            out[j] = out[j] + 1.0
+        return out
+
+
+def install_stand_in(monkeypatch, name, module, outputs, wrong):
+    kernel = StandInKernel(outputs, wrong)
+    monkeypatch.setattr(module, "kernel", kernel)
+    monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
+    monkeypatch.setitem(kernels._verified, name, None)
+    monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
+    return kernel
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    def install(wrong=False):
-        kernel = StandInKernel(wrong)
-        monkeypatch.setattr(step, "kernel", kernel)
-        monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
-        monkeypatch.setitem(kernels._verified, "step", None)
-        monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
-        return kernel
+    return lambda wrong=False: install_stand_in(monkeypatch, "step", step, step_outputs, wrong)
 
-    return install
+
+@pytest.fixture
+def stand_in_chunk_states(monkeypatch):
+    return lambda wrong=False: install_stand_in(monkeypatch, "chunk_states", chunk_states, chunk_state_outputs, wrong)
 
 
 def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
@@ -157,35 +182,6 @@ def random_prompt(B, H, T, Dqk, Dv, dtype, key, masked_from=None):
     return q, k, v, i, log_f, C, n, m
 
 
-class StandInChunkStates:
-    """Answers a chunk-state `launch` call like the compiled kernel, with `mlstm.chunk_states`."""
-
-    def __init__(self, wrong=False):
-        self.calls = 0
-        self.wrong = wrong
-
-    def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose):
-        self.calls += 1
-        g, a_max, dC, dn, C, n, m = inputs
-        assert dict(template)["NC"] == g.shape[-1] and grid[0] % threadgroup[0] == 0
-        assert grid[0] >= dC.shape[-1] * dC.shape[-2] + dn.shape[-1] and grid[1] == g.shape[0] * g.shape[1]
-        (C_in, n_in, m_in), (C, n, m) = ops.chunk_states(g, a_max, dC, dn, C, n, m)
-        return [C_in, n_in, m_in, C + 1.0 if self.wrong else C, n, m]
-
-
-@pytest.fixture
-def stand_in_chunk_states(monkeypatch):
-    def install(wrong=False):
-        kernel = StandInChunkStates(wrong)
-        monkeypatch.setattr(chunk_states, "kernel", kernel)
-        monkeypatch.setattr(kernels, "_on_gpu", lambda: True)
-        monkeypatch.setitem(kernels._verified, "chunk_states", None)
-        monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
-        return kernel
-
-    return install
-
-
 def test_chunkwise_dispatch_uses_the_chunk_state_kernel(stand_in_chunk_states):
     kernel = stand_in_chunk_states()
     args = random_prompt(2, 2, 11, 8, 16, mx.float32, key=8, masked_from=5)
@@ -237,7 +233,7 @@ CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__
 def cuda_source(dtype, Dqk, Dv, body=None):
     """The translation unit MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp),
     with the public CUDA headers standing in for MLX's own device utils."""
-    body = step.source(step._CUDA) if body is None else body
+    body = step.source(CUDA) if body is None else body
     t = CUDA_TYPES[dtype]
     in_types = [t, t, t] + ["float"] * 6
     params = [f"    const {ty}* {name}" for ty, name in zip(in_types, step.INPUTS)]
@@ -246,7 +242,7 @@ def cuda_source(dtype, Dqk, Dv, body=None):
 
 
 def cuda_chunk_states_source(dtype, NC, Dqk, Dv, body=None):
-    body = chunk_states.source(chunk_states._CUDA) if body is None else body
+    body = chunk_states.source(CUDA) if body is None else body
     t = CUDA_TYPES[dtype]
     in_types = ["float", "float", t] + ["float"] * 4
     params = [f"    const {ty}* {name}" for ty, name in zip(in_types, chunk_states.INPUTS)]
@@ -284,7 +280,7 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not i
 def test_cuda_step_source_compiles():
     result = nvcc(cuda_source(mx.bfloat16, 256, 512))
     assert result.returncode == 0, result.stderr
-    broken = step.source(step._CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;")
+    broken = step.source(CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;")
     assert nvcc(cuda_source(mx.float32, 16, 40, broken)).returncode != 0
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lm_xlstm.kernels import chunk_states, step
+from mlx_lm_xlstm.kernels.spelling import METAL
 
 SHIM = Path(__file__).with_name("metal_shim.h")
 
@@ -74,7 +75,7 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
     [(mx.float32, 256, 512), (mx.bfloat16, 256, 512), (mx.float16, 12, 40)],
 )
 def test_step_kernel_passes_lint(dtype, Dqk, Dv):
-    source = _step_source(step.source(step._METAL), dtype, Dqk, Dv)
+    source = _step_source(step.source(METAL), dtype, Dqk, Dv)
     assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
@@ -91,7 +92,7 @@ def test_step_kernel_passes_lint(dtype, Dqk, Dv):
 )
 def test_lint_catches_a_broken_kernel(breakage):
     before, after = breakage
-    body = step.source(step._METAL)
+    body = step.source(METAL)
     assert before in body
     result = lint(_step_source(body.replace(before, after, 1), mx.float32, 16, 32))
     assert result.returncode != 0
@@ -123,13 +124,13 @@ def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
     [(mx.float32, 32, 256, 512), (mx.bfloat16, 32, 256, 512), (mx.float16, 3, 12, 40)],
 )
 def test_chunk_states_kernel_passes_lint(dtype, NC, Dqk, Dv):
-    source = _chunk_states_source(chunk_states.source(chunk_states._METAL), dtype, NC, Dqk, Dv)
+    source = _chunk_states_source(chunk_states.source(METAL), dtype, NC, Dqk, Dv)
     assert "static_cast<T>" in source and f", {NC}, {Dqk}, {Dv}>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
 
 
 def test_lint_catches_a_broken_chunk_states_kernel():
-    body = chunk_states.source(chunk_states._METAL).replace("m_run = m_next;", "m_run = m_nxt;")
+    body = chunk_states.source(METAL).replace("m_run = m_next;", "m_run = m_nxt;")
     result = lint(_chunk_states_source(body, mx.float32, 4, 8, 16))
     assert result.returncode != 0 and "m_nxt" in result.stderr

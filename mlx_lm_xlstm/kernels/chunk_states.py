@@ -15,6 +15,8 @@ head, so cached). Consecutive threads touch consecutive elements: coalesced.
 
 import mlx.core as mx
 
+from .spelling import CUDA, METAL, spell
+
 THREADS = 256
 
 _BODY = """
@@ -58,29 +60,10 @@ _BODY = """
     }
 """
 
-_METAL = {
-    "GID_X": "thread_position_in_grid.x",
-    "GID_Y": "thread_position_in_grid.y",
-    "MAX": "metal::max",
-    "EXP": "metal::exp",
-    "size_t": "ulong",
-}
-_CUDA = {
-    "GID_X": "(blockIdx.x * blockDim.x + threadIdx.x)",
-    "GID_Y": "(blockIdx.y * blockDim.y + threadIdx.y)",
-    "MAX": "fmaxf",
-    "EXP": "expf",
-    # NVRTC compiles without the host's headers: spell the integer types out.
-    "uint": "unsigned int",
-    "size_t": "unsigned long long",
-}
-
 
 def source(backend: dict) -> str:
-    """The kernel body for one backend: the shared body with its spellings filled in."""
-    import re
-
-    return re.sub(r"\b(" + "|".join(backend) + r")\b", lambda w: backend[w.group(0)], _BODY)
+    """The kernel body for one backend (`spelling.METAL` or `spelling.CUDA`)."""
+    return spell(_BODY, backend)
 
 
 INPUTS = ["g", "a_max", "dC", "dn", "C", "n", "m"]
@@ -89,9 +72,9 @@ OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(_METAL))
+        return mx.fast.metal_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(METAL))
     if mx.cuda.is_available():
-        return mx.fast.cuda_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(_CUDA))
+        return mx.fast.cuda_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA))
     return None
 
 

@@ -13,9 +13,11 @@ the one that owns column 0 writes n and m.
 
 import mlx.core as mx
 
+from .spelling import CUDA, METAL, spell
+
 ROWS = 8  # row slices of C per threadgroup: threadgroup = 32 x ROWS threads
 
-# Shared by both backends: only the qualifiers differ (see _METAL / _CUDA below).
+# Shared by both backends: only the spellings differ (spelling.py).
 _BODY = """
     const uint bh = GID_Z;
     const uint x = TID_X;
@@ -71,42 +73,10 @@ _BODY = """
     }
 """
 
-_METAL = {
-    "GID_Z": "thread_position_in_grid.z",
-    "GID_X": "thread_position_in_grid.x",
-    "TID_X": "thread_position_in_threadgroup.x",
-    "TID_Y": "thread_position_in_threadgroup.y",
-    "MAX": "metal::max",
-    "ABS": "metal::abs",
-    "EXP": "metal::exp",
-    "RSQRT": "metal::rsqrt",
-    "SHARED": "threadgroup",
-    "BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
-    "size_t": "ulong",
-}
-_CUDA = {
-    "GID_Z": "(blockIdx.z * blockDim.z + threadIdx.z)",
-    "GID_X": "(blockIdx.x * blockDim.x + threadIdx.x)",
-    "TID_X": "threadIdx.x",
-    "TID_Y": "threadIdx.y",
-    "MAX": "fmaxf",
-    "ABS": "fabsf",
-    "EXP": "expf",
-    "RSQRT": "rsqrtf",
-    "SHARED": "__shared__",
-    "BARRIER": "__syncthreads()",
-    # NVRTC compiles without the host's headers: spell the integer types out.
-    "uint": "unsigned int",
-    "size_t": "unsigned long long",
-}
-
 
 def source(backend: dict) -> str:
-    """The kernel body for one backend: the shared body with its spellings filled in."""
-    import re
-
-    body = _BODY.replace("ROWS", str(ROWS))
-    return re.sub(r"\b(" + "|".join(backend) + r")\b", lambda w: backend[w.group(0)], body)
+    """The kernel body for one backend (`spelling.METAL` or `spelling.CUDA`)."""
+    return spell(_BODY.replace("ROWS", str(ROWS)), backend)
 
 
 INPUTS = ["q", "k", "v", "i", "log_f", "C", "n", "m", "eps"]
@@ -115,9 +85,9 @@ OUTPUTS = ["h", "C_out", "n_out", "m_out"]
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("mlstm_step", INPUTS, OUTPUTS, source(_METAL))
+        return mx.fast.metal_kernel("mlstm_step", INPUTS, OUTPUTS, source(METAL))
     if mx.cuda.is_available():
-        return mx.fast.cuda_kernel("mlstm_step", INPUTS, OUTPUTS, source(_CUDA))
+        return mx.fast.cuda_kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA))
     return None
 
 
