@@ -42,3 +42,30 @@ def test_live_logits(name, tmp_path):
         np.testing.assert_allclose(
             out, fixtures.reference_logits(ref, ids), atol=ATOL, rtol=RTOL, err_msg=f"{name} T={T}"
         )
+
+
+def test_bf16_chunkwise_stays_within_bf16_rounding_of_the_fp32_step_loop():
+    """A bf16 model's prefill runs bf16 matmuls (fp32 gates and state): against the exact
+    token-by-token recurrence on the same inputs it must differ by rounding only."""
+    import mlx.nn as nn
+
+    from mlx_lm_xlstm import mlstm as ops
+
+    B, H, T, Dqk, Dv = 2, 4, 300, 32, 64
+    keys = mx.random.split(mx.random.key(0), 5)
+    q, k = (mx.random.normal((B, H, T, Dqk), key=keys[j]).astype(mx.bfloat16) for j in (0, 1))
+    v = mx.random.normal((B, H, T, Dv), key=keys[2]).astype(mx.bfloat16)
+    i = mx.random.normal((B, H, T), key=keys[3]) - 2  # gates as a trained model has them
+    log_f = nn.log_sigmoid(4 + mx.random.normal((B, H, T), key=keys[4]))
+    state = (mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H)))
+
+    h, (C, n, m) = ops.mlstm_chunkwise(q, k, v, i, log_f, *state)
+    hs, s = [], state
+    for t in range(T):
+        h_t, s = ops.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[..., t], log_f[..., t], *s)
+        hs.append(h_t)
+    h_loop = mx.stack(hs, axis=2)
+    rel = lambda got, want: (mx.abs(got - want).max() / mx.abs(want).max()).item()
+    assert h.dtype == C.dtype == mx.float32
+    assert rel(h, h_loop) < 3e-2 and (mx.abs(h - h_loop).mean() / mx.abs(h_loop).mean()).item() < 1e-2
+    assert rel(C, s[0]) < 1e-2 and rel(n, s[1]) < 1e-5 and mx.abs(m - s[2]).max().item() < 1e-5
