@@ -1,6 +1,6 @@
 """Tensor and pipeline parallel over two ranks (ring backend, this machine): greedy tokens
-as in one process, for a bf16 and a 4-bit xLSTM-7b-shaped model and the paper's stack
-(pipeline); and the shapes that cannot be split."""
+as in one process, for a bf16 and a 4-bit xLSTM-7b-shaped model and the paper's stack; and
+the shapes that cannot be split."""
 
 import json
 import shutil
@@ -18,7 +18,8 @@ from mlx_lm.utils import quantize_model
 
 import bench_distributed as bench
 import fixtures
-from mlx_lm_xlstm import large
+import paper_fixtures as pf
+from mlx_lm_xlstm import large, paper
 
 TOOL = Path(bench.__file__)
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -50,7 +51,7 @@ def model_dirs(tmp_path_factory):
 def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
     bf16, q4, fused_bias, paper = model_dirs
     cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")]
-    cases += [f"{fused_bias}:tensor", f"{paper}:pipeline"]
+    cases += [f"{fused_bias}:tensor", f"{paper}:tensor", f"{paper}:pipeline"]
     run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
     out = tmp_path / "two.json"
     # A free port, so that two test runs on one machine do not meet.
@@ -74,13 +75,17 @@ def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
         # Rank 0 holds half the heads (tensor) or the last blocks (pipeline).
         expected = {"tensor": (2, 2), "pipeline": (4, 1)}[case["mode"]]
         if case["model"] == str(paper):
-            expected = (None, 2)
+            # Tensor: 1 of the first mLSTM's 2 heads; pipeline: blocks 1-2, the sLSTM first.
+            expected = {"tensor": (1, 3), "pipeline": (2, 2)}[case["mode"]]
+            # fp32 weights: the distribution after the prompt as one process's, to rounding.
+            logprobs = next(c for c in one if c["model"] == case["model"])["prompt_logprobs"]
+            assert max(abs(x - y) for x, y in zip(case["prompt_logprobs"], logprobs)) < 1e-4
         assert (case["local_heads"], case["local_blocks"]) == expected, case
 
 
-def group_of_size(size=2):
+def group_of_size(size=2, rank=0):
     """Stands in for a group: the checks run before any communication."""
-    return SimpleNamespace(size=lambda: size, rank=lambda: 0)
+    return SimpleNamespace(size=lambda: size, rank=lambda: rank)
 
 
 def tiny_model(**overrides):
@@ -135,10 +140,68 @@ def test_more_ranks_than_blocks():
     assert len(model.layers) == 2
 
 
-def test_one_rank_changes_nothing():
-    model = tiny_model()
+@pytest.mark.parametrize("make", [tiny_model, lambda: paper_model()], ids=["7b-shaped", "paper"])
+def test_one_rank_changes_nothing(make):
+    model = make()
     x = mx.array([[3, 1, 4, 1, 5]])
     before = model(x)
     model.shard(mx.distributed.init())
     model.model.pipeline(mx.distributed.init())
     assert mx.allclose(model(x), before, atol=1e-6).item()
+
+
+# --- the paper's stack -------------------------------------------------------------------------
+
+
+def paper_model(changes=()):
+    """paper_fixtures' tiny mixed stack (mLSTM, sLSTM, mLSTM) with changes to its nested
+    config, as {"slstm_block.slstm.num_heads": 1, ...}."""
+    config = pf.paper_config(num_blocks=3, slstm_at=[1])
+    for path, value in dict(changes).items():
+        *parents, key = path.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[key] = value
+    return paper.Model(paper.ModelArgs.from_dict(config))
+
+
+@pytest.mark.parametrize(
+    "changes, ranks, refusal",
+    [
+        ({}, 3, r"mLSTM num_heads 2 \(inner width and conv channels 32\) does not split over 3 ranks"),
+        ({"embedding_dim": 24, "mlstm_block.mlstm.qkv_proj_blocksize": 16}, 2,
+         r"mLSTM qkv_proj_blocksize 16 \(3 blocks\) does not split over 2 ranks"),
+        ({"slstm_block.slstm.num_heads": 1}, 2, r"sLSTM num_heads 1 \(conv channels 16\) does not split"),
+        ({"slstm_block.feedforward.round_proj_up_to_multiple_of": 1}, 2, "FFN width 21 does not split"),
+    ],
+)
+def test_paper_shapes_that_do_not_split(changes, ranks, refusal):
+    model = paper_model(changes)
+    with pytest.raises(ValueError, match=refusal + ".*pipeline parallel"):
+        model.shard(group_of_size(ranks))
+    assert isinstance(model.layers[0].xlstm.proj_up, nn.Linear)
+    assert model.layers[1].xlstm.num_heads == model.args.slstm_block.slstm.num_heads
+
+
+def test_paper_quantized_groups_that_do_not_split():
+    model, _ = quantize_model(paper_model(), {}, group_size=32, bits=4)  # proj_down: 32 inputs, 1 group
+    refusal = r"layers\.0\.xlstm\.proj_down is quantized in 1 groups of 32.*over 2 ranks"
+    with pytest.raises(ValueError, match=refusal):
+        model.shard(group_of_size(2))
+    assert model.layers[0].xlstm.mlstm_cell.num_heads == 2
+
+
+def test_paper_shard_keeps_the_heads_of_the_rank():
+    """Rank 1 of 2: the second head of each layer, in both halves of the mLSTM's proj_up and
+    in the gates' q, k and v columns; the sLSTM's second head on its channels."""
+    model = paper_model()
+    mlstm, slstm = model.layers[0].xlstm, model.layers[1].xlstm
+    up, gate, kernel = mlstm.proj_up.weight, mlstm.mlstm_cell.igate.weight, slstm.slstm_cell.recurrent_kernel
+    model.shard(group_of_size(2, rank=1))
+    assert mx.array_equal(mlstm.proj_up.weight, mx.concatenate([up[16:32], up[48:64]])).item()
+    assert mx.array_equal(mlstm.mlstm_cell.igate.weight, gate[:, [*range(16, 32), *range(48, 64), *range(80, 96)]]).item()
+    assert (mlstm.mlstm_cell.num_heads, mlstm.inner_dim, mlstm.q_proj.weight.shape[0]) == (1, 16, 4)
+    assert (mlstm.conv1d.conv.weight.shape, mlstm.conv1d.conv.groups, mlstm.learnable_skip.shape) == ((16, 4, 1), 16, (16,))
+    assert mx.array_equal(slstm.slstm_cell.recurrent_kernel, kernel[1:]).item()
+    assert (slstm.num_heads, slstm.conv1d.conv.groups, model.layers[1].ffn.hidden) == (1, 8, 16)

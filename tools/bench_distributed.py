@@ -102,8 +102,10 @@ def load_case(path: str, mode: str, group):
 
 
 def local_heads(model):
-    layer = getattr(model.layers[0], "mlstm_layer", None)  # None: the paper's stack (no tensor parallel)
-    return layer.num_heads if layer is not None else None
+    """Heads of the first local block (the paper's mLSTM keeps them in its cell)."""
+    block = model.layers[0]
+    layer = block.mlstm_layer if "mlstm_layer" in block else block.xlstm
+    return layer.mlstm_cell.num_heads if "mlstm_cell" in layer else layer.num_heads
 
 
 def greedy(model, prompt: mx.array, max_tokens: int):

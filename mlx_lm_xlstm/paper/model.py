@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
-from ..distributed import BlockPipeline
+from ..distributed import BlockPipeline, shard_paper
 from ..large import _check_weights
 from .components import _ACTIVATIONS, GatedFeedForward, LayerNorm, proj_up_dim, small_init
 from .mlstm_block import mLSTMLayer
@@ -233,6 +233,9 @@ class Model(nn.Module):
     def model(self):
         # Where mlx-lm's sharded_load looks for the pipeline layout.
         return self.xlstm_block_stack
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        shard_paper(self, group or mx.distributed.init())
 
     def make_cache(self):
         return [ArraysCache(size=block.xlstm.cache_size) for block in self.layers]

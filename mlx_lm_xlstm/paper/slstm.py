@@ -16,6 +16,7 @@ checkpoints written by the "vanilla" backend.
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..distributed import gather_channels, local_channels
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm
 
 NUM_GATES = 4
@@ -90,6 +91,9 @@ class sLSTMLayer(nn.Module):
     """Optional causal conv + silu feeding the i and f gates; headwise gate projections;
     the cell; GroupNorm per head. Cache slots: [conv state,] y, c, n, m."""
 
+    # Tensor parallel (`distributed.shard_paper`): this rank's heads, on their channels of x.
+    group = None
+
     def __init__(self, args, block_idx: int):
         super().__init__()
         cfg = args.slstm_block.slstm
@@ -111,6 +115,8 @@ class sLSTMLayer(nn.Module):
         return 5 if "conv1d" in self else 4
 
     def __call__(self, x, mask=None, cache=None):
+        if self.group is not None:
+            x = local_channels(x, self.group)
         B, T, _ = x.shape
         has_conv = "conv1d" in self
         if has_conv:
@@ -137,4 +143,5 @@ class sLSTMLayer(nn.Module):
             for j, value in zip(slots, state):
                 cache[j] = value
             cache.advance(T)
-        return self.group_norm(self.dropout(y)).astype(x.dtype)
+        y = self.group_norm(self.dropout(y)).astype(x.dtype)
+        return y if self.group is None else gather_channels(y, self.group)
