@@ -193,13 +193,22 @@ class BlockPipeline(PipelineMixin):
         super().pipeline(group, split)
         self.pipeline_group = group
 
-    def receive_stage_input(self, x):
+    def run_blocks(self, x, mask, cache):
+        """This rank's blocks on the hidden states, between the hand-overs of the pipeline."""
+        blocks = self.pipeline_layers
+        cache = cache or [None] * len(blocks)
+        x = self._receive_stage_input(x)
+        for block, c in zip(blocks, cache):
+            x = block(x, mask, c)
+        return self._pass_stage_output(x, cache)
+
+    def _receive_stage_input(self, x):
         """Hidden states from the rank that runs the blocks before ours."""
         if self.pipeline_rank < self.pipeline_size - 1:
             x = mx.distributed.recv_like(x, self.pipeline_rank + 1, group=self.pipeline_group)
         return x
 
-    def pass_stage_output(self, x, cache):
+    def _pass_stage_output(self, x, cache):
         """Hand our output on; every rank gets rank 0's, the output of the last block."""
         if self.pipeline_size == 1:
             return x

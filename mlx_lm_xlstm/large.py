@@ -247,12 +247,7 @@ class xLSTMBackbone(BlockPipeline, nn.Module):
             self.out_norm = RMSNorm(args.hidden_size, args.norm_eps, False)
 
     def __call__(self, x, mask=None, cache=None):
-        blocks = self.pipeline_layers
-        cache = cache or [None] * len(blocks)
-        x = self.receive_stage_input(x)
-        for block, c in zip(blocks, cache):
-            x = block(x, mask, c)
-        x = self.pass_stage_output(x, cache)
+        x = self.run_blocks(x, mask, cache)
         return self.out_norm(x) if "out_norm" in self else x
 
 

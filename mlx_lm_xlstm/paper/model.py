@@ -194,13 +194,8 @@ class xLSTMBlockStack(BlockPipeline, nn.Module):
             self.post_blocks_norm = LayerNorm(args.embedding_dim)
 
     def __call__(self, x, cache=None):
-        blocks = self.pipeline_layers
-        cache = cache or [None] * len(blocks)
-        mask = create_ssm_mask(x, cache[0])
-        x = self.receive_stage_input(x)
-        for block, c in zip(blocks, cache):
-            x = block(x, mask, c)
-        x = self.pass_stage_output(x, cache)
+        mask = create_ssm_mask(x, cache[0] if cache else None)
+        x = self.run_blocks(x, mask, cache)
         return self.post_blocks_norm(x) if "post_blocks_norm" in self else x
 
 
