@@ -1,5 +1,6 @@
 import importlib.util
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,22 @@ def load_fixture(name: str):
 
     model, _ = load_model(fixtures.FIXTURES / name)
     return model
+
+
+def compiled_train_step(model, optimizer, loss_fn):
+    """MLX's compiled training step: loss_fn(model, batch) -> loss, the update in place."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, batch)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
 
 
 @pytest.fixture(scope="session")

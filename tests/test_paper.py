@@ -3,7 +3,6 @@ parity with the reference in fp32, caches, checkpoint handling, gradients and tr
 
 import copy
 import json
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,7 +10,7 @@ import mlx.optimizers as optim
 import numpy as np
 import paper_fixtures as pf
 import pytest
-from conftest import needs_torch
+from conftest import compiled_train_step, needs_torch
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.utils import load_model
@@ -302,18 +301,11 @@ def test_compiled_value_and_grad_trains(tmp_path):
     def loss(m, x):
         return nn.losses.cross_entropy(m(x[:, :-1]), x[:, 1:]).mean()
 
-    state = [model.state, opt.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(x):
-        value, grads = nn.value_and_grad(model, loss)(model, x)
-        opt.update(model, grads)
-        return value
-
+    step = compiled_train_step(model, opt, loss)
     losses = []
     for _ in range(15):
         losses.append(step(ids).item())
-        mx.eval(state)
+        mx.eval(model.state, opt.state)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -1,12 +1,11 @@
 """The no-cache forward trains: differentiable, compiles, and its gradients match the reference."""
 
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from conftest import fixtures, load_fixture, needs_torch
+from conftest import compiled_train_step, fixtures, load_fixture, needs_torch
 from mlx.utils import tree_flatten
 
 from mlx_lm_xlstm.large import mlx_name
@@ -20,14 +19,7 @@ def loss_fn(model, ids):
 def test_compiled_training_steps_lower_the_loss():
     model = load_fixture("fused_bias")
     optimizer = optim.Adam(learning_rate=3e-3)
-    state = [model.state, optimizer.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(ids):
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, ids)
-        optimizer.update(model, grads)
-        return loss
-
+    step = compiled_train_step(model, optimizer, loss_fn)
     ids = mx.array(np.random.default_rng(0).integers(0, fixtures.VOCAB, (2, 41)))
     losses = [step(ids).item() for _ in range(15)]
     assert all(np.isfinite(losses))
