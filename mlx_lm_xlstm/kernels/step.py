@@ -11,8 +11,6 @@ Every threadgroup recomputes the gates, n and q·n of its head (Dqk values, chea
 the one that owns column 0 writes n and m.
 """
 
-import functools
-
 import mlx.core as mx
 
 from .spelling import CUDA, METAL, spell
@@ -96,12 +94,6 @@ def _build():
 kernel = _build()
 
 
-@functools.lru_cache(maxsize=None)
-def _scalar(value: float) -> mx.array:
-    """One device array per eps: a new one each launch would be a host-to-device copy a layer."""
-    return mx.array([value], mx.float32)
-
-
 def launch(kernel, q, k, v, i, log_f, C, n, m, eps, verbose=False):
     """Run `kernel` (built from this module's source) on one decode step; shapes as in
     `mlx_lm_xlstm.mlstm.mlstm_step`. Returns h (B, H, Dv) fp32 and the new (C, n, m)."""
@@ -109,7 +101,7 @@ def launch(kernel, q, k, v, i, log_f, C, n, m, eps, verbose=False):
     f32 = mx.float32
     columns = -(-Dv // 32) * 32
     h, C, n, m = kernel(
-        inputs=[q, k, v, i.astype(f32), log_f.astype(f32), C, n, m, _scalar(eps)],
+        inputs=[q, k, v, i.astype(f32), log_f.astype(f32), C, n, m, mx.array([eps], f32)],
         template=[("DQK", Dqk), ("DV", Dv)],
         grid=(columns, ROWS, B * H),
         threadgroup=(32, ROWS, 1),
