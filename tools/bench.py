@@ -113,17 +113,22 @@ def prefill_tok_s(model, T, repeat=3, step=PREFILL_STEP):
     return T / t, peak
 
 
-def linears(model):
-    return [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+def linears_pass_s(model, leading, repeat):
+    """Seconds for every Linear of the model on random inputs of shape (*leading, its width),
+    all evaluated together: the model's weight traffic and matmuls, nothing else."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+    xs = []
+    for j, layer in enumerate(layers):
+        width = layer.weight.shape[1] * (32 // layer.bits if hasattr(layer, "bits") else 1)
+        xs.append(mx.random.normal((*leading, width), key=mx.random.key(j)).astype(dtype))
+    mx.eval(xs)
+    return timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]), repeat)
 
 
 def gemm_floor_tok_s(model, T):
-    """Every Linear on T tokens of random input, all evaluated together: the prefill
-    ceiling MLX's matmuls set, with nothing else of the model."""
-    layers = linears(model)
-    xs = [mx.random.normal((1, T, layer.weight.shape[1]), key=mx.random.key(j)).astype(layer.weight.dtype) for j, layer in enumerate(layers)]
-    mx.eval(xs)
-    return T / timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]))
+    """The prefill ceiling MLX's matmuls set: every Linear on T tokens."""
+    return T / linears_pass_s(model, (1, T), repeat=3)
 
 
 def cell_ms(model, T=PREFILL_STEP):
@@ -202,17 +207,9 @@ def decode_tok_s(model, B, steps, compiled):
 
 
 def matvec_floor_tok_s(model, B):
-    """All the model's Linear layers on random inputs, evaluated together: one decode's
-    worth of weight traffic with no recurrence between layers."""
-    layers = linears(model)
-    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
-    xs = []
-    for j, layer in enumerate(layers):
-        width = layer.weight.shape[1] * (32 // layer.bits if hasattr(layer, "bits") else 1)
-        xs.append(mx.random.normal((B, width), key=mx.random.key(j)).astype(dtype))
-    mx.eval(xs)
-    t = timed(lambda: mx.eval([layer(x) for layer, x in zip(layers, xs)]), repeat=10)
-    return B / t
+    """The decode ceiling: one decode's worth of weight traffic (every Linear on B vectors)
+    with no recurrence between layers."""
+    return B / linears_pass_s(model, (B,), repeat=10)
 
 
 def _no_chunk_kernel(fn):
