@@ -41,24 +41,29 @@ def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_step(kernel, eps: float):
-    """The kernel as a differentiable function: forward fused, backward through the ops step."""
-
-    def reference(q, k, v, i, log_f, C, n, m):
-        h, (C, n, m) = ops.mlstm_step(q, k, v, i, log_f, C, n, m, eps=eps)
-        return h, C, n, m
-
-    @mx.custom_function
-    def fused(q, k, v, i, log_f, C, n, m):
-        h, (C, n, m) = _step.launch(kernel, q, k, v, i, log_f, C, n, m, eps)
-        return h, C, n, m
+def _with_ops_vjp(kernel_fn, ops_fn):
+    """`kernel_fn` forward, differentiated through `ops_fn`, the pure-MLX function of the same
+    arguments and (flattened) results: training through a kernel is exact."""
+    fused = mx.custom_function(kernel_fn)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
-        return tuple(mx.vjp(reference, list(primals), list(cotangents))[1])
+        return tuple(mx.vjp(ops_fn, list(primals), list(cotangents))[1])
 
     return fused
+
+
+def _flat(result):
+    """(a, (b, c)) -> [a, b, c]."""
+    return [y for x in result for y in (x if isinstance(x, tuple) else (x,))]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_step(kernel, eps: float):
+    return _with_ops_vjp(
+        lambda *args: _flat(_step.launch(kernel, *args, eps)),
+        lambda *args: _flat(ops.mlstm_step(*args, eps=eps)),
+    )
 
 
 def _step_shapes_fit(q, k, v, i, log_f, C, n, m) -> bool:
@@ -181,16 +186,11 @@ def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
     return chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
 
 
-@mx.custom_function
-def _fused_chunk_states(g, a_max, dC, dn, C, n, m):
-    (C_in, n_in, m_in), (C, n, m) = _chunk_states.launch(_chunk_states.kernel, g, a_max, dC, dn, C, n, m)
-    return C_in, n_in, m_in, C, n, m
-
-
-@_fused_chunk_states.vjp
-def _fused_chunk_states_vjp(primals, cotangents, outputs):
-    reference = lambda *args: [x for part in ops.chunk_states(*args) for x in part]
-    return tuple(mx.vjp(reference, list(primals), list(cotangents))[1])
+# The kernel is looked up at each call (tests stand one in).
+_fused_chunk_states = _with_ops_vjp(
+    lambda *args: _flat(_chunk_states.launch(_chunk_states.kernel, *args)),
+    lambda *args: _flat(ops.chunk_states(*args)),
+)
 
 
 def _chunk_states_kernel(g, a_max, dC, dn, C, n, m):
