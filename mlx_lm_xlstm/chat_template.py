@@ -4,13 +4,15 @@ mlx-lm finds it as `mlx_lm.chat_templates.xlstm` (the registration hook aliases 
 name here; `TOKENIZER_DEFAULTS["chat_template_type"]` in xlstm.py selects it), and
 uses it only when the tokenizer has no template of its own.
 
-An assistant turn ends with <|endoftext|>, the token generation stops on. So the
-history rendered in full is exactly the token stream a multi-turn session has
-already fed the model (`mlx_lm.chat` keeps the recurrent state and sends only the
-new turn; the server finds the previous turn's state as a cached prefix).
+A past assistant turn is "Assistant:", the reply exactly as generated (leading spaces and
+newlines included) and <|endoftext|>, the token generation stops on. So the history rendered
+in full is exactly the token stream a multi-turn session has already fed the model
+(`mlx_lm.chat` keeps the recurrent state and sends only the new turn; the server finds the
+previous turn's state as a cached prefix).
 """
 
 END_OF_TURN = "<|endoftext|>"
+GENERATION_PROMPT = "Assistant:"
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
@@ -36,9 +38,9 @@ def apply_chat_template(
         if role != "assistant":
             out += f"{ROLES[role]}: {text}\n\n"
         elif continue_final_message and position == len(messages) - 1:
-            out += f"Assistant: {text}"
+            out += f"{GENERATION_PROMPT}{text}"
         else:
-            out += f"Assistant: {text.lstrip()}{END_OF_TURN}"
+            out += f"{GENERATION_PROMPT}{text}{END_OF_TURN}"
     if add_generation_prompt:
-        out += "Assistant:"
+        out += GENERATION_PROMPT
     return out

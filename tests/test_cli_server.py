@@ -1,6 +1,7 @@
 """`mlx_lm server`: completions, chat, streaming, batched concurrent requests, prompt-cache reuse."""
 
 import json
+from pathlib import Path
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -74,3 +75,23 @@ def test_streamed_completion_and_bad_request(url):
     with pytest.raises(urllib.error.HTTPError) as error:
         post(url, "/v1/completions", {"prompt": "def", "max_tokens": -3})
     assert error.value.code == 400
+
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "xlstm-stdlib"
+
+
+def test_second_chat_turn_reuses_the_whole_first_exchange():
+    """The demo model's replies start with "\\n\\n": the history must render them as generated,
+    or the second turn's prompt leaves the cached state after the prompt's first tokens."""
+    history = [{"role": "user", "content": "what is a tuple?"}]
+    body = {"max_tokens": 12, "temperature": 0.0}
+    with server(DEMO) as base:
+        first = post(base, "/v1/chat/completions", {**body, "messages": history})
+        reply = first["choices"][0]["message"]["content"]
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+        second = post(base, "/v1/chat/completions", {**body, "messages": history})
+    assert reply.startswith("\n")
+    # Cached: the first prompt and every reply token (mlx-lm's batch generator has run them all).
+    usage = first["usage"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == usage["prompt_tokens"] + usage["completion_tokens"], (usage, second["usage"])
