@@ -10,18 +10,19 @@ Nothing is materialised: the model is built lazily and never evaluated.
 """
 
 import argparse
+import contextlib
+import io
 import json
-import struct
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.convert import MODEL_CONVERSION_DTYPES as DTYPES
+from mlx_lm.utils import quantize_model
 
 from . import xlstm
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_config(path) -> dict:
@@ -40,16 +41,16 @@ def read_config(path) -> dict:
 
 
 def safetensors_bytes(folder: Path) -> dict:
-    """Tensor name -> (dtype, bytes), read from the safetensors headers alone."""
+    """Tensor name -> (dtype, bytes) of a folder's safetensors (mx.load is lazy: headers only)."""
     tensors = {}
     for file in sorted(folder.glob("model*.safetensors")):
-        with open(file, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, t in header.items():
-            if name != "__metadata__":
-                tensors[name] = (t["dtype"], t["data_offsets"][1] - t["data_offsets"][0])
+        for name, a in mx.load(str(file)).items():
+            tensors[name] = (dtype_name(a.dtype), a.nbytes)
     return tensors
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
 
 
 def skeleton(config: dict, dtype: str = None, quantization: dict = None):
@@ -65,31 +66,33 @@ def skeleton(config: dict, dtype: str = None, quantization: dict = None):
             )
         )
     if quantization:
-        quantize_like_mlx_lm(model, quantization)
+        # A per-layer entry (mixed recipes) wins, as in the config mlx-lm writes.
+        default = getattr(model, "quant_predicate", lambda path, module: True)
+        predicate = lambda path, module: quantization[path] if path in quantization else default(path, module)
+        with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
+            quantize_model(model, {}, quantization["group_size"], quantization["bits"],
+                           mode=quantization.get("mode", "affine"), quant_predicate=predicate)
     return model
 
 
-def quantize_like_mlx_lm(model, quantization: dict):
-    """mlx-lm's rules: a per-layer entry wins; otherwise a layer is quantized if it can be,
-    its input width is a multiple of the group size and the model's quant_predicate agrees."""
-    group_size, bits = quantization["group_size"], quantization["bits"]
-    predicate = getattr(model, "quant_predicate", lambda path, module: True)
-
-    def choose(path, module):
-        if path in quantization:
-            return quantization[path]
-        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
-            return False
-        return predicate(path, module)
-
-    nn.quantize(model, group_size, bits, mode=quantization.get("mode", "affine"), class_predicate=choose)
+def block_kinds(model) -> list:
+    """mLSTM or sLSTM, per block."""
+    slstm_at = getattr(model.args, "slstm_at", [])
+    return ["sLSTM" if i in slstm_at else "mLSTM" for i in range(len(model.layers))]
 
 
-def state_arrays(model) -> list:
-    """Per layer, the cache arrays one sequence carries, from one lazy decode step."""
+def state_blocks(model) -> list:
+    """Per kind of block, how many there are and the cache arrays one sequence carries in each
+    (from one lazy decode step)."""
     cache = model.make_cache()
     model(mx.zeros((1, 1), mx.int32), cache)
-    return [[a for _, a in tree_flatten(c.state) if isinstance(a, mx.array)] for c in cache]
+    groups = {}
+    for kind, c in zip(block_kinds(model), cache):
+        arrays = [dict(shape=list(a.shape), dtype=dtype_name(a.dtype), bytes=a.nbytes)
+                  for a in c.cache if a is not None]
+        group = groups.setdefault(kind, dict(kind=kind, count=0, bytes=c.nbytes, arrays=arrays))
+        group["count"] += 1
+    return list(groups.values())
 
 
 def architecture(args) -> dict:
@@ -132,10 +135,10 @@ def describe(path, dtype: str = None, quantization: dict = None) -> dict:
         embedding_bytes = sum(v.nbytes for k, v in params if k.startswith(embedding + "."))
         by_dtype = {}
         for _, v in params:
-            by_dtype[str(v.dtype).split(".")[-1]] = by_dtype.get(str(v.dtype).split(".")[-1], 0) + v.nbytes
+            by_dtype[dtype_name(v.dtype)] = by_dtype.get(dtype_name(v.dtype), 0) + v.nbytes
     vocab = plain.args.vocab_size
-    state = state_arrays(plain)
-    state_bytes = sum(a.nbytes for layer in state for a in layer)
+    state = state_blocks(plain)
+    state_bytes = sum(b["count"] * b["bytes"] for b in state)
     token_bytes = weight_bytes - embedding_bytes + embedding_bytes // vocab + 2 * state_bytes
     return dict(
         path=str(path),
@@ -148,7 +151,7 @@ def describe(path, dtype: str = None, quantization: dict = None) -> dict:
         weight_bytes=weight_bytes,
         embedding_bytes=embedding_bytes,
         state_bytes=state_bytes,
-        state_layer=[dict(shape=list(a.shape), dtype=str(a.dtype).split(".")[-1], bytes=a.nbytes) for a in state[0]],
+        state_blocks=state,
         bytes_per_token=token_bytes,
     )
 
@@ -192,8 +195,12 @@ def report(info: dict, bandwidths=(400.0,)) -> str:
         + ", ".join(f"{k} {gb(v)}" for k, v in sorted(info["bytes_by_dtype"].items())) + ")",
         f"quantization:   {describe_quantization(info['quantization'])}",
         f"weight bytes:   {gb(info['weight_bytes'])} ({info['weight_bytes']:,} B; embedding table {gb(info['embedding_bytes'])})",
-        f"state/sequence: {mib(info['state_bytes'])} ({info['state_bytes']:,} B) = {info['architecture'].get('blocks', '')} layers x ("
-        + " + ".join(f"{'x'.join(map(str, s['shape']))} {s['dtype']}" for s in info["state_layer"]) + ")",
+        f"state/sequence: {mib(info['state_bytes'])} ({info['state_bytes']:,} B) = "
+        + " + ".join(
+            f"{b['count']} {b['kind']} block{'s' * (b['count'] != 1)} x ("
+            + " + ".join(f"{'x'.join(map(str, s['shape']))} {s['dtype']}" for s in b["arrays"]) + ")"
+            for b in info["state_blocks"]
+        ),
         f"read per token: {gb(info['bytes_per_token'])} (weights without the embedding table, one embedding row, state read + write)",
     ]
     for bw in bandwidths:

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 import fixtures
@@ -37,16 +38,14 @@ def test_7b_sizes_and_decode_bound_match_the_documented_figures(dtype, bits, wei
     assert info.decode_bound(i, 400) == pytest.approx(tok_s_400, abs=0.06)
     # C (8 x 256 x 512), n (8 x 256), m (8) in fp32 per layer: 128.25 MiB over 32 layers.
     assert i["state_bytes"] == 32 * 4 * (8 * 256 * 512 + 8 * 256 + 8)
-    assert [s["shape"] for s in i["state_layer"]] == [[1, 8, 256, 512], [1, 8, 256], [1, 8]]
+    (blocks,) = i["state_blocks"]
+    assert (blocks["kind"], blocks["count"]) == ("mLSTM", 32)
+    assert [s["shape"] for s in blocks["arrays"]] == [[1, 8, 256, 512], [1, 8, 256], [1, 8]]
 
 
 def safetensors_payload(folder: Path) -> int:
-    """File sizes minus the headers: the tensor bytes."""
-    total = 0
-    for f in folder.glob("model*.safetensors"):
-        header = int.from_bytes(f.read_bytes()[:8], "little")
-        total += f.stat().st_size - 8 - header
-    return total
+    """The tensor bytes the folder holds, as mlx-lm's loader reads them."""
+    return sum(a.nbytes for f in folder.glob("model*.safetensors") for a in mx.load(str(f)).values())
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_cli_prints_the_report(capsys):
     out = capsys.readouterr().out
     assert "parameters:     6,865,424,896" in out
     assert "affine 4-bit, group size 64" in out
-    assert "128.25 MiB" in out
+    assert "128.25 MiB (134,480,896 B) = 32 mLSTM blocks x (1x8x256x512 float32 + 1x8x256 float32 + 1x8 float32)" in out
     assert "99.4 tok/s at 400 GB/s" in out and "198.9 tok/s at 800 GB/s" in out
 
 
@@ -108,3 +107,20 @@ def test_bad_input_is_named(tmp_path, capsys, make, message):
         info.main([str(make(tmp_path))])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+PAPER_MIXED = Path(__file__).resolve().parent / "fixtures" / "paper_mixed"
+
+
+def test_a_mixed_paper_stack_counts_its_state_per_block_type(capsys):
+    i = info.describe(PAPER_MIXED)
+    assert i["architecture"]["num_blocks"] == 3 and i["architecture"]["slstm_at"] == [1]
+    mlstm, slstm = i["state_blocks"]
+    assert (mlstm["kind"], mlstm["count"], slstm["kind"], slstm["count"]) == ("mLSTM", 2, "sLSTM", 1)
+    # mLSTM: the conv window (3 past steps of the inner 32), then C, n, m over 2 heads of 16.
+    assert [a["shape"] for a in mlstm["arrays"]] == [[1, 3, 32], [1, 2, 16, 16], [1, 2, 16], [1, 2]]
+    assert i["state_bytes"] == 2 * mlstm["bytes"] + slstm["bytes"]
+    assert mlstm["bytes"] == 4 * (3 * 32 + 2 * 16 * 16 + 2 * 16 + 2)
+    info.main([str(PAPER_MIXED)])
+    out = capsys.readouterr().out
+    assert "= 2 mLSTM blocks x (1x3x32 float32 + 1x2x16x16 float32 + 1x2x16 float32 + 1x2 float32) + 1 sLSTM block x (1x3x16 float32 + " in out

@@ -68,7 +68,7 @@ def test_variants_have_the_asked_dtype_and_quantization(dry_run):
 
     tensors = safetensors_bytes(list(built.values())[2])
     assert "backbone.layers.0.mlstm_layer.igate_preact.scales" not in tensors  # gates are never quantized
-    assert tensors["backbone.layers.0.mlstm_layer.igate_preact.weight"][0] == "F32"  # cast_predicate
+    assert tensors["backbone.layers.0.mlstm_layer.igate_preact.weight"][0] == "float32"  # cast_predicate
 
 
 def test_built_folders_load_and_generate(dry_run):
