@@ -1,14 +1,9 @@
 import importlib.util
-import sys
 from functools import partial
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-import fixtures  # noqa: E402
+from helpers import fixtures
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="the live reference needs torch")
@@ -40,5 +35,6 @@ def compiled_train_step(model, optimizer, loss_fn):
 
 @pytest.fixture(scope="session")
 def model_folder(tmp_path_factory):
-    """A loadable folder with a tokenizer and NX-AI's BOS behaviour."""
+    """A loadable folder with a tokenizer and NX-AI's BOS behaviour (the committed `single`
+    checkpoint), shared by every test that only reads it."""
     return fixtures.model_dir(tmp_path_factory.mktemp("m") / "xlstm", "single", force_bos_token_insert=True)

@@ -3,7 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import fixtures, load_fixture
+from conftest import load_fixture
+from helpers import fixtures
 from mlx_lm.models.cache import ArraysCache
 
 ATOL, RTOL = 1e-4, 1e-3

@@ -2,7 +2,7 @@
 tokens as one-by-one generation, with and without NX-AI's BOS insertion."""
 
 import pytest
-from conftest import fixtures
+from helpers import fixtures
 from mlx_lm import batch_generate, load, stream_generate
 
 PROMPTS = ["<|endoftext|>d", "def f(x):\n    return x", "import os", "class A(object):\n    pass\n\n\nclass B(A):", "x"]

@@ -5,18 +5,12 @@ through the chat template; a base xLSTM checkpoint gets mlx_lm_xlstm/chat_templa
 """
 
 import pytest
-from cli_testing import cli
-from conftest import fixtures
+from helpers.cli import cli
 from mlx_lm import load, stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 
 TURNS = ["hello there", "what is a tuple?"]
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return fixtures.model_dir(tmp_path_factory.mktemp("chat") / "m", "single", force_bos_token_insert=True)
 
 
 class CountingModel:
@@ -46,8 +40,8 @@ def chat_session(model, tokenizer, turns):
     return log
 
 
-def test_template_is_the_plain_text_default(folder):
-    _, tokenizer = load(str(folder))
+def test_template_is_the_plain_text_default(model_folder):
+    _, tokenizer = load(str(model_folder))
     assert tokenizer.chat_template is None and tokenizer.has_chat_template
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -61,8 +55,8 @@ def test_template_is_the_plain_text_default(folder):
         tokenizer.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
 
-def test_turns_carry_the_state_without_re_prefill(folder):
-    model, tokenizer = load(str(folder))
+def test_turns_carry_the_state_without_re_prefill(model_folder):
+    model, tokenizer = load(str(model_folder))
     (p1, r1, fed1), (p2, r2, fed2) = chat_session(model, tokenizer, TURNS)
     # Each turn feeds only its own prompt and replies: the history lives in the state.
     assert fed1 == len(p1) + len(r1) and fed2 == len(p2) + len(r2)
@@ -73,7 +67,7 @@ def test_turns_carry_the_state_without_re_prefill(folder):
     assert one_shot == [r.token for r in r2]
 
     # The CLI prints the same replies.
-    out = cli("chat", "--model", folder, "--max-tokens", MAX_TOKENS, input="\n".join(TURNS) + "\nq\n").stdout
+    out = cli("chat", "--model", model_folder, "--max-tokens", MAX_TOKENS, input="\n".join(TURNS) + "\nq\n").stdout
     for responses in (r1, r2):
         assert "".join(r.text for r in responses) in out
     assert out.count(f"{MAX_TOKENS} tokens") == 2

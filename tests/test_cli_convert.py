@@ -9,7 +9,8 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
-from cli_testing import cli, generated_text, random_model_dir
+from helpers.cli import cli, generated_text
+from helpers.fixtures import random_model_dir
 from mlx.utils import tree_flatten
 from mlx_lm import generate, load
 from mlx_lm.convert import convert

@@ -9,14 +9,14 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from cli_testing import cli
-from conftest import fixtures
+from helpers import fixtures
+from helpers.cli import cli
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.utils import load
 
 
-def test_whole_sequence_perplexity_equals_token_by_token(tmp_path):
-    model, tokenizer = load(str(fixtures.model_dir(tmp_path / "m", "single", force_bos_token_insert=True)))
+def test_whole_sequence_perplexity_equals_token_by_token(model_folder):
+    model, tokenizer = load(str(model_folder))
     tokens = tokenizer.encode(fixtures.training_text(4000))
     data = mx.array(np.array(tokens[: 6 * 65]).reshape(6, 65))
     ppl, se = eval_ppl(model, data, batch_size=4)
@@ -32,8 +32,7 @@ def test_whole_sequence_perplexity_equals_token_by_token(tmp_path):
     assert math.isclose(math.exp(mx.concatenate(losses).mean().item()), ppl, rel_tol=1e-4)
 
 
-def test_benchmark_cli(tmp_path):
-    folder = fixtures.model_dir(tmp_path / "m", "single")
-    out = cli("benchmark", "--model", folder, "--prompt-tokens", "64", "--generation-tokens", "16",
+def test_benchmark_cli(model_folder):
+    out = cli("benchmark", "--model", model_folder, "--prompt-tokens", "64", "--generation-tokens", "16",
               "--num-trials", "1", "--batch-size", "2").stdout
     assert "Averages: prompt_tps=" in out and "generation_tps=" in out

@@ -4,21 +4,15 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from cli_testing import cli, generated_text
-from conftest import fixtures
+from helpers.cli import cli, generated_text
 from mlx_lm import generate, load, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 SAMPLING = ["--temp", "0.8", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.02"]
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return fixtures.model_dir(tmp_path_factory.mktemp("gen") / "m", "single", force_bos_token_insert=True)
-
-
-def test_sampling_with_seed_matches_the_python_api(folder):
-    args = ["generate", "--model", folder, "--prompt", "def", "--max-tokens", "16", "--verbose", "True"]
+def test_sampling_with_seed_matches_the_python_api(model_folder):
+    args = ["generate", "--model", model_folder, "--prompt", "def", "--max-tokens", "16", "--verbose", "True"]
     first = cli(*args, *SAMPLING, "--seed", "7").stdout
     text = generated_text(first)
     assert text
@@ -28,7 +22,7 @@ def test_sampling_with_seed_matches_the_python_api(folder):
     # The Python API with the same seed; the CLI seeds before loading (init draws numbers).
     def sample(seed):
         mx.random.seed(seed)
-        model, tokenizer = load(str(folder))
+        model, tokenizer = load(str(model_folder))
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "def"}], add_generation_prompt=True)
         return generate(model, tokenizer, prompt, max_tokens=16, sampler=make_sampler(0.8, 0.9, min_p=0.02, top_k=40))
 
@@ -36,8 +30,8 @@ def test_sampling_with_seed_matches_the_python_api(folder):
     assert sample(8) != text
 
 
-def test_streaming_pieces_add_up_to_generate(folder):
-    model, tokenizer = load(str(folder))
+def test_streaming_pieces_add_up_to_generate(model_folder):
+    model, tokenizer = load(str(model_folder))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "class"}], add_generation_prompt=True)
     responses = list(stream_generate(model, tokenizer, prompt, max_tokens=12))
     assert len(responses) == 12 and responses[-1].finish_reason == "length"
@@ -45,8 +39,8 @@ def test_streaming_pieces_add_up_to_generate(folder):
     assert "".join(r.text for r in responses) == generate(model, tokenizer, prompt, max_tokens=12)
 
 
-def test_repetition_penalty_breaks_greedy_loops(folder):
-    model, tokenizer = load(str(folder))
+def test_repetition_penalty_breaks_greedy_loops(model_folder):
+    model, tokenizer = load(str(model_folder))
     plain = list(stream_generate(model, tokenizer, "def f(x):", max_tokens=40))
     tokens = [r.token for r in plain]
     assert len(set(tokens)) < len(tokens)  # the tiny model loops
@@ -57,9 +51,9 @@ def test_repetition_penalty_breaks_greedy_loops(folder):
     assert len({r.token for r in penalised}) > len(set(tokens))
 
 
-def test_prompt_without_bos_acts_as_if_bos_were_there(folder):
-    out = cli("generate", "--model", folder, "--ignore-chat-template", "--max-tokens", "10", "--prompt", "return x")
-    model, tokenizer = load(str(folder))
+def test_prompt_without_bos_acts_as_if_bos_were_there(model_folder):
+    out = cli("generate", "--model", model_folder, "--ignore-chat-template", "--max-tokens", "10", "--prompt", "return x")
+    model, tokenizer = load(str(model_folder))
     ids = tokenizer.encode("return x")
     assert ids[0] != 0
     assert generated_text(out.stdout) == generate(model, tokenizer, [0] + ids, max_tokens=10)
@@ -82,9 +76,9 @@ def _constant_model(source, path, token: int):
     return folder
 
 
-def test_generation_stops_on_endoftext_and_never_on_exclamation_mark(folder, tmp_path):
+def test_generation_stops_on_endoftext_and_never_on_exclamation_mark(model_folder, tmp_path):
     args = ["--ignore-chat-template", "--prompt", "hi", "--max-tokens", "6", "--verbose", "True"]
-    bangs = cli("generate", "--model", _constant_model(folder, tmp_path / "bang", 2), *args).stdout
+    bangs = cli("generate", "--model", _constant_model(model_folder, tmp_path / "bang", 2), *args).stdout
     assert generated_text(bangs) == "!" * 6  # id 2 is "!", not an end of text
-    ends = cli("generate", "--model", _constant_model(folder, tmp_path / "eos", 0), *args).stdout
+    ends = cli("generate", "--model", _constant_model(model_folder, tmp_path / "eos", 0), *args).stdout
     assert "No text generated" in ends  # id 0 ends the text at once

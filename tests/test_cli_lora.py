@@ -4,16 +4,11 @@ import json
 import re
 
 import pytest
-from cli_testing import cli, generated_text
-from conftest import fixtures
+from helpers import fixtures
+from helpers.cli import cli, generated_text
 from mlx_lm import generate, load
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return fixtures.model_dir(tmp_path_factory.mktemp("lora") / "m", "single", force_bos_token_insert=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +32,22 @@ def train(folder, data, adapters, kind, *extra, iters=20):
     return val
 
 
-def test_lora_with_grad_checkpoint_fuse_and_adapter_generation(folder, data, tmp_path):
+def test_lora_with_grad_checkpoint_fuse_and_adapter_generation(model_folder, data, tmp_path):
     adapters = tmp_path / "adapters"
-    val = train(folder, data, adapters, "lora", "--grad-checkpoint", iters=12)
+    val = train(model_folder, data, adapters, "lora", "--grad-checkpoint", iters=12)
     assert len(val) == 2 and val[1] < val[0] - 0.3, val
 
-    with_adapter = cli("generate", "--model", folder, "--adapter-path", adapters, "--prompt", "def",
+    with_adapter = cli("generate", "--model", model_folder, "--adapter-path", adapters, "--prompt", "def",
                        "--max-tokens", "8")
-    cli("fuse", "--model", folder, "--adapter-path", adapters, "--save-path", tmp_path / "fused")
+    cli("fuse", "--model", model_folder, "--adapter-path", adapters, "--save-path", tmp_path / "fused")
     model, tokenizer = load(str(tmp_path / "fused"))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "def"}], add_generation_prompt=True)
     assert generated_text(with_adapter.stdout) == generate(model, tokenizer, prompt, max_tokens=8)
-    base, _ = load(str(folder))
+    base, _ = load(str(model_folder))
     assert generate(base, tokenizer, prompt, max_tokens=8) != generate(model, tokenizer, prompt, max_tokens=8)
 
 
 @pytest.mark.parametrize("kind", ["dora", "full"])
-def test_dora_and_full_fine_tuning_lower_the_loss(folder, data, tmp_path, kind):
-    val = train(folder, data, tmp_path / kind, kind, iters=10)
+def test_dora_and_full_fine_tuning_lower_the_loss(model_folder, data, tmp_path, kind):
+    val = train(model_folder, data, tmp_path / kind, kind, iters=10)
     assert len(val) == 2 and val[1] < val[0] - 0.3, val

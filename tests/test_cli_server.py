@@ -6,8 +6,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_testing import server
-from conftest import fixtures
+from helpers import fixtures
+from helpers.cli import server
 from mlx_lm import generate, load
 
 PROMPTS = ["def", "import os\n", "class Tree:", "x = [1, 2", "for i in range(10):", "#", "return None", "if a and b:"]

@@ -5,7 +5,7 @@ import sys
 
 import mlx_lm.utils
 import pytest
-from cli_testing import ENV
+from helpers.cli import ENV
 from mlx_lm import generate, load
 
 from mlx_lm_xlstm.convert import convert

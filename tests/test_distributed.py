@@ -3,8 +3,6 @@ as in one process, for a bf16 and a 4-bit xLSTM-7b-shaped model and the paper's 
 the shapes that cannot be split."""
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +11,19 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from helpers import distributed_worker, fixtures
+from helpers import paper_fixtures as pf
+from helpers.cli import free_port
 from mlx_lm.convert import convert
 from mlx_lm.utils import quantize_model
 
-import bench_distributed as bench
-import fixtures
-import paper_fixtures as pf
 from mlx_lm_xlstm import large, paper
 
-TOOL = Path(bench.__file__)
+WORKER = Path(distributed_worker.__file__)
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
+XLSTM_7B = Path(__file__).resolve().parent.parent / "tools" / "xlstm_7b_config.json"
+# Enough heads and width for 2 ranks, and groups of 32 that split: v_dim 64 -> 2, FFN 192 -> 6.
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, chunk_size=16, ffn_round_up_to_multiple_of=64)
 
 
 @pytest.fixture(scope="module")
@@ -32,40 +33,26 @@ def model_dirs(tmp_path_factory):
     transformers' fused-weight checkpoint with biases everywhere (4 heads); the paper's
     sLSTM/mLSTM stack (3 blocks, sLSTM in the middle)."""
     root = tmp_path_factory.mktemp("dist")
-    bf16 = bench.make_model(root / "bf16", bench.SHAPES["tiny"], "bfloat16")
-    q4 = bench.make_model(
-        root / "q4", bench.SHAPES["tiny"], "float32", q_bits=4, q_group_size=32, tokenizer_from=bf16
-    )
-    committed = []
-    for name in ("fused_bias", "paper_mixed"):
-        folder = root / name
-        shutil.copytree(fixtures.FIXTURES / name, folder, ignore=shutil.ignore_patterns("golden.npz"))
-        for file in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(bf16 / file, folder / file)
-        committed.append(folder)
+    bf16 = fixtures.random_model_dir(root / "bf16", dtype="bfloat16", **TINY)
+    q4 = fixtures.random_model_dir(root / "q4", q_bits=4, q_group_size=32, **TINY)
+    fused_bias = fixtures.model_dir(root / "fused_bias", "fused_bias")
     # Pipeline loading needs mlx-lm's layout (`layers.N.` names, an index): convert first.
-    convert(str(committed[1]), str(root / "paper_mlx"))
-    return [bf16, q4, committed[0], root / "paper_mlx"]
+    convert(str(fixtures.model_dir(root / "paper_mixed", "paper_mixed")), str(root / "paper_mlx"))
+    return [bf16, q4, fused_bias, root / "paper_mlx"]
 
 
 def test_two_ranks_give_the_tokens_of_one_process(model_dirs, tmp_path):
     bf16, q4, fused_bias, paper = model_dirs
     cases = [f"{d}:{mode}" for d in (bf16, q4) for mode in ("tensor", "pipeline")]
     cases += [f"{fused_bias}:tensor", f"{paper}:tensor", f"{paper}:pipeline"]
-    run_args = ["--prompt-tokens", "40", "--max-tokens", "8", "--warmup", "0"]
     out = tmp_path / "two.json"
     # A free port, so that two test runs on one machine do not meet.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [str(LAUNCH), "-n", "2", "-p", str(port), "--python", sys.executable, "--", str(TOOL), "run"]
-    for case in cases:
-        cmd += ["--case", case]
-    proc = subprocess.run([*cmd, *run_args, "--out", str(out)], capture_output=True, text=True, timeout=150)
+    cmd = [str(LAUNCH), "-n", "2", "-p", str(free_port()), "--python", sys.executable, "--", str(WORKER)]
+    proc = subprocess.run([*cmd, *cases, "--out", str(out)], capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    two = json.loads(out.read_text())["cases"]
+    two = json.loads(out.read_text())
 
-    one = bench.run_cases([f"{d}:single" for d in model_dirs], 40, 8, warmup=0)["cases"]
+    one = distributed_worker.run_cases([f"{d}:single" for d in model_dirs])
     reference = {case["model"]: case["tokens"] for case in one}
     for case in two:
         tokens = reference[case["model"]]
@@ -89,7 +76,7 @@ def group_of_size(size=2, rank=0):
 
 
 def tiny_model(**overrides):
-    config = {"model_type": "xlstm", **bench.SHAPES["tiny"], "vocab_size": 64, **overrides}
+    config = {"model_type": "xlstm", **TINY, "vocab_size": 64, **overrides}
     return large.Model(large.ModelArgs.from_dict(config))
 
 
@@ -108,8 +95,8 @@ def test_ffn_width_that_does_not_split():
 
 
 def xlstm_7b():
-    """The real shape; the weights stay lazy, so nothing is computed."""
-    return large.Model(large.ModelArgs.from_dict({"model_type": "xlstm", **bench.SHAPES["7b"]}))
+    """xLSTM-7b's config.json; the weights stay lazy, so nothing is computed."""
+    return large.Model(large.ModelArgs.from_dict(json.loads(XLSTM_7B.read_text())))
 
 
 def test_7b_shard_shapes():

@@ -4,7 +4,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import fixtures
+from helpers import fixtures
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 from safetensors.numpy import load_file, save_file

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from conftest import fixtures
+from helpers import fixtures
 from mlx_lm.utils import load_tokenizer
 from transformers import AutoConfig
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-import fixtures
+from helpers import fixtures
 from mlx_lm_xlstm import info, xlstm
 
 CONFIG_7B = Path(__file__).resolve().parent.parent / "tools" / "xlstm_7b_config.json"

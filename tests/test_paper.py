@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-import paper_fixtures as pf
 import pytest
 from conftest import compiled_train_step, needs_torch
+from helpers import paper_fixtures as pf
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.utils import load_model
@@ -85,7 +85,7 @@ def test_live_logits(name, tmp_path):
     if ffn is None:
         cfg.slstm_block.feedforward = None
     ref = pf.build_reference(cfg, seed=11)
-    model = load(pf.save_checkpoint(tmp_path, ref, cfg))
+    model = load(pf.save_reference(tmp_path, ref, cfg))
     rng = np.random.default_rng(2)
     for T in (1, 5, 17):
         ids = rng.integers(0, pf.VOCAB, size=(2, T))
@@ -105,7 +105,7 @@ def test_gradient_matches_reference(tmp_path):
 
     cfg = pf.reference_config(num_blocks=2, slstm_at=[1])
     ref = pf.build_reference(cfg, seed=5)
-    model = load(pf.save_checkpoint(tmp_path, ref, cfg))
+    model = load(pf.save_reference(tmp_path, ref, cfg))
     ids = np.random.default_rng(0).integers(0, pf.VOCAB, size=(2, 9))
     w = np.random.default_rng(1).standard_normal((2, 9, pf.VOCAB)).astype(np.float32)
 

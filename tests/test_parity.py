@@ -3,7 +3,8 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import fixtures, load_fixture, needs_torch
+from conftest import load_fixture, needs_torch
+from helpers import fixtures
 
 ATOL, RTOL = 1e-4, 1e-3
 
@@ -32,7 +33,7 @@ def test_live_logits(name, tmp_path):
     """Each length runs the reference's own path: step (T=1), step loop (T < chunk), chunks + rest."""
     from mlx_lm.utils import load_model
 
-    ref = fixtures.save_checkpoint(tmp_path, seed=7, tokenizer=False, **LIVE[name])
+    ref = fixtures.save_reference(tmp_path, seed=7, tokenizer=False, **LIVE[name])
     model, _ = load_model(tmp_path)
     rng = np.random.default_rng(1)
     chunk = LIVE[name]["chunk_size"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import mlx_lm_xlstm
 
-from conftest import fixtures, needs_torch
+from conftest import needs_torch
+from helpers import fixtures
 
 
 def python(code: str, *flags: str) -> str:
@@ -53,7 +54,7 @@ def test_cli_greedy_tokens_equal_transformers(tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    ref = fixtures.save_checkpoint(tmp_path, seed=3, extra_config={"force_bos_token_insert": True})
+    ref = fixtures.save_reference(tmp_path, seed=3, extra_config={"force_bos_token_insert": True})
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     prompt = "def main(self):"
     ids = [0] + tokenizer.encode(prompt)

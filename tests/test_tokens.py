@@ -4,7 +4,7 @@ import json
 
 import mlx.core as mx
 import numpy as np
-from conftest import fixtures
+from helpers import fixtures
 from mlx_lm import load
 from mlx_lm.utils import load_model
 

@@ -5,7 +5,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from conftest import compiled_train_step, fixtures, load_fixture, needs_torch
+from conftest import compiled_train_step, load_fixture, needs_torch
+from helpers import fixtures
 from mlx.utils import tree_flatten
 
 from mlx_lm_xlstm.large import mlx_name
@@ -41,7 +42,7 @@ def test_gradients_match_transformers(tmp_path):
     import torch
     from mlx_lm.utils import load_model
 
-    ref = fixtures.save_checkpoint(tmp_path, seed=5, tokenizer=False, hidden_size=32, num_heads=2, chunk_size=8)
+    ref = fixtures.save_reference(tmp_path, seed=5, tokenizer=False, hidden_size=32, num_heads=2, chunk_size=8)
     model, _ = load_model(tmp_path)
     ids = np.random.default_rng(2).integers(0, fixtures.VOCAB, (2, 21))
     logits = ref(torch.from_numpy(ids[:, :-1]), use_cache=False).logits

@@ -1,7 +1,7 @@
 """Tiny checkpoints of the paper's xLSTM written by NX-AI's `xlstm` package (the reference),
 and golden logits, so the parity tests also run without torch.
 
-    python tools/paper_fixtures.py --out tests/fixtures     # rewrite tests/fixtures/paper_*
+    python -m tests.helpers.paper_fixtures --out tests/fixtures     # rewrite tests/fixtures/paper_*
 
 Needs torch and `pip install --no-deps xlstm` (the vanilla sLSTM backend runs on CPU).
 """
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+from .fixtures import fixture_tokenizer
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VOCAB = 64
 GOLDEN_LENGTH = 20
 
@@ -114,7 +116,7 @@ def config_dict(cfg) -> dict:
     return d
 
 
-def save_checkpoint(path, model, cfg):
+def save_reference(path, model, cfg):
     """config.json + model.safetensors in the paper checkpoint format."""
     from safetensors.torch import save_file
 
@@ -142,15 +144,9 @@ def write_golden(out: Path):
         shutil.rmtree(folder, ignore_errors=True)
         cfg = reference_config(**overrides)
         model = build_reference(cfg, seed)
-        save_checkpoint(folder, model, cfg)
+        save_reference(folder, model, cfg)
         ids = np.random.default_rng(seed).integers(0, VOCAB, size=(2, GOLDEN_LENGTH))
         np.savez_compressed(folder / "golden.npz", ids=ids, logits=reference_logits(model, ids))
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=FIXTURES)
-    write_golden(parser.parse_args().out)
 
 
 def paper_config(num_blocks=2, slstm_at=(1,), embedding_dim=16, vocab_size=VOCAB, mlstm_heads=2,
@@ -169,20 +165,18 @@ def paper_config(num_blocks=2, slstm_at=(1,), embedding_dim=16, vocab_size=VOCAB
 
 def mlx_checkpoint(path, config: dict, seed: int = 0, tokenizer: bool = False) -> Path:
     """A paper checkpoint folder with the MLX model's own (paper) init; no torch needed.
-    With tokenizer=True, the byte-level tokenizer of tools/fixtures.py (needs vocab_size 320)."""
+    With tokenizer=True, the tests' byte-level tokenizer (needs vocab_size 320)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from mlx_lm_xlstm.paper import Model, ModelArgs
+    from mlx_lm_xlstm.save import save_checkpoint
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(dict(config)))
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer:
-        import fixtures
+    return save_checkpoint(path, model, config, tokenizer=fixture_tokenizer() if tokenizer else None)
 
-        fixtures.build_tokenizer(path, config["vocab_size"])
-    return path
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=FIXTURES)
+    write_golden(parser.parse_args().out)

@@ -5,16 +5,12 @@ The CLIs run as `python -m mlx_lm <command>` does, with one change: torch is hid
 child. transformers imports torch when it can (2.5 s per start); mlx-lm never needs it.
 """
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
-
-import fixtures
 
 RUN_CLI = (
     "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['mlx_lm'] + sys.argv[1:]; "
@@ -37,29 +33,6 @@ def cli(*args, input=None, timeout=120, check=True, cwd=None) -> subprocess.Comp
 def generated_text(stdout: str) -> str:
     """The text between the ========== markers of `mlx_lm generate --verbose True`."""
     return stdout.split("==========\n")[1].rsplit("\n", 1)[0]
-
-
-def random_model_dir(path, seed=0, **config_updates) -> Path:
-    """A loadable folder like fixtures.model_dir, with fresh random MLX weights so that the
-    shapes may change (e.g. hidden_size=128 for real quantization group sizes); no torch."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models.xlstm import Model, ModelArgs
-
-    dims = {}
-    for name, alias in (("hidden_size", "embedding_dim"), ("num_hidden_layers", "num_blocks")):
-        if name in config_updates:
-            dims[alias] = config_updates[name]
-    path = fixtures.model_dir(path, "single", **config_updates, **dims)
-    config = json.loads((path / "config.json").read_text())
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
-    weights = dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():  # forget gates open, as in trained checkpoints
-        if name.endswith("fgate_preact.bias"):
-            weights[name] = w + 3.0
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    return path
 
 
 def free_port() -> int:

@@ -1,13 +1,14 @@
 """Tiny xLSTM checkpoints written by transformers (the reference), a GPT-NeoX-layout
-tokenizer trained offline, and golden logits for the parity tests.
+tokenizer trained offline, golden logits for the parity tests, and ready-to-load folders.
 
-    python tools/fixtures.py --out tests/fixtures     # rewrite the committed golden fixtures
+    python -m tests.helpers.fixtures --out tests/fixtures     # rewrite the committed golden fixtures
 """
 
 import argparse
 import json
 import shutil
 import sysconfig
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ CONFIGS = {
     "wide_v": dict(hidden_size=32, num_heads=2, chunk_size=32, v_dim_factor=1.5, weight_mode="fused"),
 }
 LENGTHS = (1, 5, 16, 33, 200)
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 VOCAB = 320  # 256 bytes + 2 specials + merges of the byte-level tokenizer
 
 
@@ -55,7 +56,7 @@ def randomize(model, seed: int = 0):
     return model
 
 
-def save_checkpoint(path, seed=0, tokenizer=True, extra_config=None, **overrides):
+def save_reference(path, seed=0, tokenizer=True, extra_config=None, **overrides):
     """A transformers xLSTMForCausalLM checkpoint folder (+ tokenizer). Returns the torch model."""
     from transformers import xLSTMForCausalLM, xLSTMPreTrainedModel
 
@@ -74,7 +75,7 @@ def save_checkpoint(path, seed=0, tokenizer=True, extra_config=None, **overrides
         cfg.update(extra_config)
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer:
-        build_tokenizer(path, VOCAB)
+        fixture_tokenizer().save_pretrained(path)
     return model
 
 
@@ -85,26 +86,12 @@ def training_text(limit: int = 200_000) -> str:
     return "\n".join(parts)[:limit]
 
 
-def build_tokenizer(path, vocab_size: int, texts=None):
-    """Byte-level BPE in the GPT-NeoX layout: <|endoftext|> = 0 (BOS/EOS/UNK), <|padding|> = 1,
-    trained on `texts` (default: a slice of the standard library's source)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+@lru_cache(maxsize=None)
+def fixture_tokenizer():
+    """The byte-level BPE of every test folder: VOCAB tokens learnt from training_text()."""
+    from mlx_lm_xlstm.save import byte_level_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts or [training_text()], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<|padding|>",
-    )
-    fast.save_pretrained(path)
-    return fast
+    return byte_level_tokenizer(VOCAB, [training_text()])
 
 
 def model_dir(path, fixture: str = "single", **config_updates) -> Path:
@@ -115,8 +102,38 @@ def model_dir(path, fixture: str = "single", **config_updates) -> Path:
     config = json.loads((path / "config.json").read_text())
     config.update(config_updates)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    build_tokenizer(path, VOCAB)
+    fixture_tokenizer().save_pretrained(path)
     return path
+
+
+def random_model_dir(path, seed=0, dtype="float32", q_bits=None, q_group_size=32, **config_updates) -> Path:
+    """A loadable folder like model_dir, with fresh random MLX weights so that the shapes may
+    change (e.g. hidden_size=128 for real quantization group sizes); no torch. dtype and
+    q_bits as `mlx_lm convert` applies them (the gates stay fp32, quantize_model)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+    from mlx_lm.utils import quantize_model
+
+    from mlx_lm_xlstm.save import save_checkpoint
+    from mlx_lm_xlstm.xlstm import Model, ModelArgs
+
+    config = json.loads((FIXTURES / "single" / "config.json").read_text())
+    config.update(config_updates)
+    for name, alias in (("hidden_size", "embedding_dim"), ("num_hidden_layers", "num_blocks")):
+        config[alias] = config[name]
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    cast = model.cast_predicate
+
+    def init(name, w):
+        if name.endswith("fgate_preact.bias"):
+            w = w + 3.0  # forget gates open, as in trained checkpoints
+        return w.astype(getattr(mx, dtype)) if cast(name) else w
+
+    model.update(tree_map_with_path(init, model.parameters()))
+    if q_bits:
+        model, config = quantize_model(model, config, q_group_size, q_bits)
+    return save_checkpoint(path, model, config, tokenizer=fixture_tokenizer())
 
 
 def reference_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -133,7 +150,7 @@ def write_golden(out: Path):
     for name, overrides in CONFIGS.items():
         folder = out / name
         shutil.rmtree(folder, ignore_errors=True)
-        model = save_checkpoint(folder, seed=len(name), tokenizer=False, **overrides)
+        model = save_reference(folder, seed=len(name), tokenizer=False, **overrides)
         (folder / "generation_config.json").unlink()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, VOCAB, size=(2, max(LENGTHS)))

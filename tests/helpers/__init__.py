@@ -1,0 +1,2 @@
+"""What the tests share: checkpoint and folder builders (fixtures, paper_fixtures) and the
+CLI runners (cli)."""
