@@ -18,7 +18,6 @@ demo/README.md records how the committed demo was made.
 import argparse
 import json
 import math
-import shutil
 import sys
 import sysconfig
 import time
@@ -26,9 +25,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fixtures  # noqa: E402
 
 VOCAB = 4096
 CONFIG = dict(
@@ -86,8 +82,12 @@ def prepare(work: Path, vocab_size: int = VOCAB, lib: Path = None, max_files: in
     in work/train.npy and work/valid.npy."""
     files = stdlib_files(lib)[:max_files]
     texts = read_texts(files)
+    from mlx_lm_xlstm.save import byte_level_tokenizer
+
     work.mkdir(parents=True, exist_ok=True)
-    tok = fixtures.build_tokenizer(work / "tokenizer", vocab_size, texts).backend_tokenizer
+    tokenizer = byte_level_tokenizer(vocab_size, texts)
+    tokenizer.save_pretrained(work / "tokenizer")
+    tok = tokenizer.backend_tokenizer
     streams = {"train": [], "valid": []}
     holdout = min(HOLDOUT_EVERY, len(texts))
     for n, enc in enumerate(tok.encode_batch(texts)):
@@ -138,24 +138,25 @@ def batches(ids: np.ndarray, batch_size: int, seq_len: int, rng):
         yield window[:, :-1], window[:, 1:]
 
 
-def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to floor * peak."""
-    if progress < warmup:
-        return peak * progress / warmup
-    t = min(1.0, (progress - warmup) / (1 - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def model_config(vocab_size: int, hidden_size: int, num_blocks: int) -> dict:
     return {**CONFIG, "vocab_size": vocab_size, "hidden_size": hidden_size, "embedding_dim": hidden_size,
             "num_hidden_layers": num_blocks, "num_blocks": num_blocks}
 
 
 class Schedule:
-    """Progress is the larger of steps done / steps and time spent / max_seconds."""
+    """MLX's linear warm-up (3%) then cosine decay to 0.1 x peak, read at a progress that is
+    the larger of steps done / steps and time spent / max_seconds (in 1/TICKS of the run)."""
 
-    def __init__(self, steps: int, max_seconds: float, lr: float):
-        self.steps, self.max_seconds, self.lr = steps, max_seconds, lr
+    TICKS = 10_000
+
+    def __init__(self, steps: int, max_seconds: float, lr: float, warmup: float = 0.03, floor: float = 0.1):
+        import mlx.optimizers as optim
+
+        self.steps, self.max_seconds = steps, max_seconds
+        warm = round(warmup * self.TICKS)
+        self.lr_at = optim.join_schedules(
+            [optim.linear_schedule(0.0, lr, warm), optim.cosine_decay(lr, self.TICKS - warm, floor * lr)], [warm]
+        )
         self.start, self.n = time.perf_counter(), 0
 
     @property
@@ -166,7 +167,7 @@ class Schedule:
         """Learning rate of the next step, or None when training is over."""
         progress = max(self.n / self.steps, self.elapsed / self.max_seconds)
         self.n += 1
-        return None if progress >= 1 else lr_at(progress, self.lr)
+        return None if progress >= 1 else self.lr_at(progress * self.TICKS).item()
 
 
 def train_mlx(config, data, schedule, log, compile_step=True):
@@ -299,35 +300,26 @@ def _flat(model):
 
 
 def evaluate(model, ids: np.ndarray, batch_size: int, windows: int = 64) -> float:
-    """Mean next-token loss over consecutive held-out windows."""
+    """Mean next-token loss over consecutive held-out windows (mlx-lm's eval_ppl)."""
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx_lm.perplexity import eval_ppl
 
     n = min(windows, (len(ids) - 1) // (SEQ_LEN + 1))
     if n < 1:
         raise ValueError(f"held-out stream of {len(ids)} tokens is shorter than one window ({SEQ_LEN + 1})")
-    windows = ids[: n * (SEQ_LEN + 1)].reshape(n, SEQ_LEN + 1).astype(np.int32)
-    total = 0.0
-    for b in range(0, n, batch_size):
-        w = mx.array(windows[b : b + batch_size])
-        total += nn.losses.cross_entropy(model(w[:, :-1]), w[:, 1:], reduction="sum").item()
-    return total / (n * SEQ_LEN)
+    ppl, _ = eval_ppl(model, mx.array(ids[: n * (SEQ_LEN + 1)].reshape(n, SEQ_LEN + 1).astype(np.int32)), batch_size)
+    return math.log(ppl)
 
 
 def save(model, config: dict, tokenizer: Path, out: Path, record: dict):
-    """config.json, model.safetensors (bf16, transformers names), tokenizer files, training
-    record; written into a temporary folder beside `out`, then moved into place."""
-    import mlx.core as mx
+    """An mlx-lm folder (bf16 weights under our names, config, the tokenizer from `tokenizer`)
+    with the training record, built beside `out` and moved into place when complete."""
+    from transformers import PreTrainedTokenizerFast
 
-    from mlx_lm_xlstm.convert import atomic_folder
+    from mlx_lm_xlstm.save import save_checkpoint
 
-    with atomic_folder(out, overwrite=True) as folder:
-        folder.mkdir()
-        mx.save_safetensors(str(folder / "model.safetensors"), dict(_flat(model)), metadata={"format": "mlx"})
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in tokenizer.iterdir():
-            shutil.copy(f, folder / f.name)
-        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_checkpoint(out, model, config, tokenizer=PreTrainedTokenizerFast.from_pretrained(tokenizer),
+                    files={"training.json": json.dumps(record, indent=2) + "\n"}, overwrite=True)
     print(f"saved {out}", flush=True)
 
 
