@@ -1,18 +1,10 @@
-"""xLSTM over mx.distributed, in the two layouts mlx-lm's `sharded_load` knows.
+"""The generic pieces of xLSTM over mx.distributed, in the two layouts mlx-lm's `sharded_load` knows.
 
-Tensor parallel (`Model.shard`): each rank keeps num_heads / N heads of every mLSTM layer
-(their q, k, v, output-gate, input- and forget-gate rows, and their slice of the per-head
-norm); the recurrent state C, n, m then lives with its heads, so the cache shrinks by N
-with no extra communication. The FFN splits its width. out_proj and down_proj sum the
-partial results over the group: two all-reduces per block. Embedding and lm_head stay
-replicated, as in mlx-lm's own models.
-
-The paper's stack (`shard_paper`) splits the same way, by heads: an mLSTM layer keeps its
-heads' slice of both up-projection halves, conv channels, q/k/v blocks, norm and skip, and
-sums proj_down over the group; its input and forget gates read q, k, v of all heads, so the
-ranks sum their partial gate pre-activations (one number per head and step). An sLSTM layer
-runs its heads on their channels of the replicated input and gathers the heads' outputs;
-its FFN splits like xLSTM-7b's.
+Tensor parallel (`Model.shard`, each model says how it splits): a rank keeps num_heads / N
+heads of every layer with their recurrent state, so the cache shrinks by N with no extra
+communication; the FFN splits its width; output projections sum over the group. Here:
+the checks that a split is whole, the paper mLSTM's gates summed from per-rank columns,
+and the channel helpers.
 
 Pipeline parallel (`Model.model.pipeline`): mlx-lm's PipelineMixin layout, blocks split
 over ranks, the last rank running the first blocks.
@@ -20,50 +12,11 @@ over ranks, the last rank running the first blocks.
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.pipeline import PipelineMixin
 
-# Projections whose outputs are laid out head after head.
-HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "ogate_preact")
-HEAD_GATES = ("igate_preact", "fgate_preact")
 
-
-def shard_heads(model, group: mx.distributed.Group):
-    """Tensor parallel over heads; checks everything before changing anything."""
-    N = group.size()
-    check_tensor_parallel(model, N)
-    for block in model.layers:
-        layer = block.mlstm_layer
-        for name in HEAD_PROJECTIONS:
-            setattr(layer, name, shard_linear(getattr(layer, name), "all-to-sharded", group=group))
-        for name in HEAD_GATES:
-            shard_inplace(getattr(layer, name), "all-to-sharded", group=group)
-        shard_inplace(layer.multihead_norm, "all-to-sharded", group=group)
-        layer.out_proj = shard_linear(layer.out_proj, "sharded-to-all", group=group)
-        layer.num_heads //= N
-
-        ffn = block.ffn
-        ffn.gate_proj = shard_linear(ffn.gate_proj, "all-to-sharded", group=group)
-        ffn.up_proj = shard_linear(ffn.up_proj, "all-to-sharded", group=group)
-        ffn.down_proj = shard_linear(ffn.down_proj, "sharded-to-all", group=group)
-
-
-def check_tensor_parallel(model, N: int):
-    args = model.args
-    if args.num_heads % N:
-        raise ValueError(
-            f"xLSTM tensor parallel: num_heads {args.num_heads} does not split over {N} ranks "
-            "(use a group size that divides it, or pipeline parallel)"
-        )
-    if args.ffn_dim % N:
-        raise ValueError(f"xLSTM tensor parallel: FFN width {args.ffn_dim} does not split over {N} ranks")
-    for i, block in enumerate(model.layers):
-        prefix = f"backbone.layers.{i}"
-        split_inputs = {"mlstm_layer.out_proj": block.mlstm_layer.out_proj, "ffn.down_proj": block.ffn.down_proj}
-        _check_split_inputs({f"{prefix}.{name}": linear for name, linear in split_inputs.items()}, N)
-
-
-def _check_split_inputs(linears: dict, N: int):
+def check_split_inputs(linears: dict, N: int):
     """A quantized layer split along its input needs whole groups on every rank."""
     for name, linear in linears.items():
         if isinstance(linear, nn.QuantizedLinear) and linear.scales.shape[-1] % N:
@@ -85,68 +38,7 @@ def _group_sizes_that_split(width: int, N: int) -> str:
     return hint
 
 
-def shard_paper(model, group: mx.distributed.Group):
-    """Tensor parallel over the heads of the paper's stack; checks everything before changing anything."""
-    N = group.size()
-    check_paper_tensor_parallel(model, N)
-    for block in model.layers:
-        layer = block.xlstm
-        if "mlstm_cell" in layer:
-            # [x, z] = proj_up(x): each rank keeps its heads' rows of both halves.
-            layer.proj_up = shard_linear(layer.proj_up, "all-to-sharded", segments=2, group=group)
-            for part in (layer.q_proj, layer.k_proj, layer.v_proj, layer.mlstm_cell.outnorm):
-                _split_channels(part, group)
-            layer.learnable_skip = local_channels(layer.learnable_skip, group)
-            cell = layer.mlstm_cell
-            cell.igate, cell.fgate = HeadGatesFromShards(cell.igate, group), HeadGatesFromShards(cell.fgate, group)
-            cell.num_heads //= N
-            layer.inner_dim //= N
-            layer.proj_down = shard_linear(layer.proj_down, "sharded-to-all", group=group)
-        else:
-            for part in (layer.fgate, layer.igate, layer.zgate, layer.ogate, layer.slstm_cell, layer.group_norm):
-                _split_channels(part, group)
-            layer.num_heads //= N
-            layer.group = group
-        if "conv1d" in layer:
-            _split_channels(layer.conv1d, group)
-            layer.conv1d.conv.groups //= N  # depthwise: one group per channel
-        if "ffn" in block:
-            ffn = block.ffn
-            ffn.proj_up = shard_linear(ffn.proj_up, "all-to-sharded", segments=2, group=group)
-            ffn.proj_down = shard_linear(ffn.proj_down, "sharded-to-all", group=group)
-            ffn.hidden //= N
-
-
-def check_paper_tensor_parallel(model, N: int):
-    args = model.args
-
-    def refuse(what):
-        raise ValueError(
-            f"xLSTM tensor parallel: {what} does not split over {N} ranks "
-            "(use a group size that divides it, or pipeline parallel)"
-        )
-
-    kinds = set(args.block_map)
-    if 0 in kinds:
-        m, inner = args.mlstm_block.mlstm, args.mlstm_inner_dim
-        if m.num_heads % N:
-            refuse(f"mLSTM num_heads {m.num_heads} (inner width and conv channels {inner})")
-        # A block of the headwise q/k/v projections must not straddle two ranks.
-        if (inner // m.qkv_proj_blocksize) % N:
-            refuse(f"mLSTM qkv_proj_blocksize {m.qkv_proj_blocksize} ({inner // m.qkv_proj_blocksize} blocks)")
-    if 1 in kinds:
-        NH = args.slstm_block.slstm.num_heads
-        if NH % N:
-            refuse(f"sLSTM num_heads {NH} (conv channels {args.embedding_dim})")
-        if args.slstm_block.feedforward is not None and args.ffn_dim % N:
-            refuse(f"FFN width {args.ffn_dim}")
-    for i, block in enumerate(model.layers):
-        prefix = f"xlstm_block_stack.layers.{i}"
-        split_inputs = {name: m for name, m in block.named_modules() if name in ("xlstm.proj_down", "ffn.proj_down")}
-        _check_split_inputs({f"{prefix}.{name}": linear for name, linear in split_inputs.items()}, N)
-
-
-def _split_channels(module, group: mx.distributed.Group):
+def split_channels(module, group: mx.distributed.Group):
     """Every parameter split along its first axis: channels, heads or headwise blocks."""
     shard_inplace(module, lambda path, _: 0, group=group)
 

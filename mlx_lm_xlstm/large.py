@@ -1,17 +1,19 @@
 """xLSTM-7b ("xLSTM large"): mLSTM blocks with a SwiGLU FFN. `sanitize` takes transformers' weights."""
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.base import BaseModelArgs
 
-from .kernels import kernels_enabled, mlstm_chunkwise, mlstm_step
-from .distributed import BlockPipeline, shard_heads
-from .mlstm import MASKED_I
+from .cache import StateSlots
+from .checkpoint import check_weights, hf_name, mlx_name, report_unquantized, split_fused
+from .distributed import BlockPipeline, check_split_inputs
+from .mlstm import GateProjection, mlstm_update
+from .recurrent import RecurrentModel
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -128,24 +130,9 @@ class MultiHeadLayerNorm(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
-class GateProjection(nn.Module):
-    """The input/forget gate pre-activation, one per head, in fp32.
-
-    Not an nn.Linear on purpose: without `to_quantized`, no quantization recipe of
-    mlx-lm touches it, and the exponential gates stay exact.
-    """
-
-    def __init__(self, dims: int, num_heads: int):
-        super().__init__()
-        scale = dims**-0.5  # nn.Linear's init
-        self.weight = mx.random.uniform(-scale, scale, (num_heads, dims))
-        self.bias = mx.random.uniform(-scale, scale, (num_heads,))
-
-    def __call__(self, x):
-        return mx.addmm(self.bias, x.astype(mx.float32), self.weight.astype(mx.float32).T)
-
-
 class mLSTMLayer(nn.Module):
+    cache_slots = StateSlots("C", "n", "m")
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, H, bias = args.hidden_size, args.num_heads, args.use_bias
@@ -163,54 +150,29 @@ class mLSTMLayer(nn.Module):
         self.multihead_norm = MultiHeadLayerNorm(H, args.v_dim // H, args.norm_eps, bias)
         self.out_proj = nn.Linear(args.v_dim, D, bias=bias)
 
-    def _gates(self, x, mask):
-        i = soft_cap(self.igate_preact(x), self.gate_soft_cap)
-        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)
-        log_f = nn.log_sigmoid(f)
-        if mask is not None:
-            i = mx.where(mask[..., None], i, MASKED_I)
-            log_f = mx.where(mask[..., None], log_f, 0.0)
-        return i.swapaxes(1, 2), log_f.swapaxes(1, 2)
-
-    def _chunkwise(self, q, k, v, i, log_f, state):
-        """Pieces of at most max_inference_chunksize tokens, the state carried between them:
-        the same result as one pass, in a working set bounded whatever the length."""
-        hs = []
-        for s in range(0, q.shape[2], self.max_piece):
-            piece = slice(s, s + self.max_piece)
-            h, state = mlstm_chunkwise(
-                q[:, :, piece], k[:, :, piece], v[:, :, piece], i[..., piece], log_f[..., piece],
-                *state, chunk_size=self.chunk_size, eps=self.eps,
-            )
-            hs.append(h)
-        return mx.concatenate(hs, axis=2) if len(hs) > 1 else hs[0], state
-
     def __call__(self, x, mask=None, cache=None):
         B, T, _ = x.shape
-        H = self.num_heads
-        heads = lambda y: y.reshape(B, T, H, -1).swapaxes(1, 2)
+        heads = lambda y: y.reshape(B, T, self.num_heads, -1)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        i, log_f = self._gates(x, mask)
-
-        if cache is not None and cache[0] is not None:
-            state = (cache[0], cache[1], cache[2])
-        else:
-            Dqk, Dv = q.shape[-1], v.shape[-1]
-            state = (
-                mx.zeros((B, H, Dqk, Dv), mx.float32),
-                mx.zeros((B, H, Dqk), mx.float32),
-                mx.zeros((B, H), mx.float32),
-            )
-        if T == 1:
-            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], *state, eps=self.eps)
-            h = h[:, :, None]
-        else:
-            h, state = self._chunkwise(q, k, v, i, log_f, state)
-        if cache is not None:
-            cache[0], cache[1], cache[2] = state
-
-        h = self.multihead_norm(h.swapaxes(1, 2)).astype(x.dtype)
+        i = soft_cap(self.igate_preact(x), self.gate_soft_cap)
+        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)
+        h, (C, n, m) = mlstm_update(
+            q, k, v, i, f, self.cache_slots.read(cache, "C", "n", "m"), mask,
+            chunk_size=self.chunk_size, max_piece=self.max_piece, eps=self.eps,
+        )
+        self.cache_slots.write(cache, C=C, n=n, m=m)
+        h = self.multihead_norm(h).astype(x.dtype)
         return self.out_proj(mx.sigmoid(self.ogate_preact(x)) * h)
+
+    def shard(self, group: mx.distributed.Group):
+        """Tensor parallel: this rank's heads (their q, k, v, output-gate, input- and
+        forget-gate rows and norm slice, hence their state); out_proj sums over the group."""
+        for name in ("q_proj", "k_proj", "v_proj", "ogate_preact"):
+            setattr(self, name, shard_linear(getattr(self, name), "all-to-sharded", group=group))
+        for part in (self.igate_preact, self.fgate_preact, self.multihead_norm):
+            shard_inplace(part, "all-to-sharded", group=group)
+        self.out_proj = shard_linear(self.out_proj, "sharded-to-all", group=group)
+        self.num_heads //= group.size()
 
 
 class FeedForward(nn.Module):
@@ -223,6 +185,11 @@ class FeedForward(nn.Module):
 
     def __call__(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def shard(self, group: mx.distributed.Group):
+        self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
+        self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
+        self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
 
 
 class mLSTMBlock(nn.Module):
@@ -251,7 +218,7 @@ class xLSTMBackbone(BlockPipeline, nn.Module):
         return self.out_norm(x) if "out_norm" in self else x
 
 
-class Model(nn.Module):
+class Model(RecurrentModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -259,42 +226,17 @@ class Model(nn.Module):
         self.backbone = xLSTMBackbone(args)
         # transformers keeps a separate lm_head even when the config says tied.
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self.decode_step = CompiledStep()
 
-    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
-        T = inputs.shape[1]
-        first = cache[0] if cache else None
-        mask = create_ssm_mask(inputs, first)
-        fresh = first is None or first.empty()
-        if not fresh:
-            _check_cache(self, cache)
-        if not fresh and T == 1 and mask is None and self.compiled_decode:
-            logits = _compiled_decode(self, inputs, cache)
-        elif fresh and self.args.force_bos_token_insert:
-            logits = self._logits(*self._insert_bos(inputs, mask), cache)[:, 1:]
-        else:
-            logits = self._logits(inputs, mask, cache)
-        for c in cache or []:
-            c.advance(T)
-        return logits
-
-    def _decode_states(self, inputs, states):
-        cache = [ArraysCache(size=3) for _ in states]
-        for c, state in zip(cache, states):
-            c.cache = list(state)
-        return self._logits(inputs, None, cache), [c.cache for c in cache]
+    def forward(self, inputs, mask, cache, fresh: bool):
+        if fresh and self.args.force_bos_token_insert:
+            return self._logits(*self._insert_bos(inputs, mask), cache)[:, 1:]
+        return self._logits(inputs, mask, cache)
 
     def _logits(self, inputs, mask, cache):
         h = self.backbone(self.backbone.embeddings(inputs), mask, cache)
         logits = self.lm_head(h)
         cap = self.args.output_logit_soft_cap
         return soft_cap(logits.astype(mx.float32), cap).astype(logits.dtype)
-
-    @property
-    def compiled_decode(self) -> bool:
-        """Decode steps run as one compiled function, unless split over ranks or the user
-        asked for the plain ops path (MLX_XLSTM_KERNELS=0)."""
-        return kernels_enabled() and not self.distributed and self.backbone.pipeline_size == 1
 
     def _insert_bos(self, inputs, mask):
         """Run BOS first, as NX-AI's force_bos_token_insert intends; a sequence that
@@ -321,168 +263,55 @@ class Model(nn.Module):
         # Where mlx-lm's sharded_load looks for the pipeline layout.
         return self.backbone
 
-    distributed = False
+    def make_cache(self):
+        return [block.mlstm_layer.cache_slots.make_cache() for block in self.layers]
+
+    def check_cache(self, cache: list):
+        super().check_cache(cache)
+        a = self.args
+        expected = (self.layers[0].mlstm_layer.num_heads, a.qk_dim // a.num_heads, a.v_dim // a.num_heads)
+        found = tuple(cache[0][0].shape[1:])
+        if found != expected:
+            self.refuse_cache(
+                f"{len(cache)} layers with state C {found} per sequence",
+                f"{len(self.layers)} layers with C (heads, Dqk, Dv) = {expected}",
+            )
 
     def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor parallel over heads (mLSTM layers) and width (FFN); every split is
+        checked before anything changes. Two all-reduces per block."""
         group = group or mx.distributed.init()
-        shard_heads(self, group)
-        self.distributed = group.size() > 1
-
-    def make_cache(self):
-        return [ArraysCache(size=3) for _ in self.layers]
+        N, a = group.size(), self.args
+        if a.num_heads % N:
+            raise ValueError(
+                f"xLSTM tensor parallel: num_heads {a.num_heads} does not split over {N} ranks "
+                "(use a group size that divides it, or pipeline parallel)"
+            )
+        if a.ffn_dim % N:
+            raise ValueError(f"xLSTM tensor parallel: FFN width {a.ffn_dim} does not split over {N} ranks")
+        for j, block in enumerate(self.layers):
+            inputs_split = {"mlstm_layer.out_proj": block.mlstm_layer.out_proj, "ffn.down_proj": block.ffn.down_proj}
+            check_split_inputs({f"backbone.layers.{j}.{name}": m for name, m in inputs_split.items()}, N)
+        for block in self.layers:
+            block.mlstm_layer.shard(group)
+            block.ffn.shard(group)
+        self.distributed = N > 1
 
     def sanitize(self, weights: dict) -> dict:
-        weights = self._split_fused(weights)
+        weights = split_fused(self.args, weights)
         # Errors name tensors as the checkpoint does.
         as_in_checkpoint = hf_name if any(mlx_name(k) != k for k in weights) else str
         weights = {mlx_name(k): v for k, v in weights.items()}
         if self.args.tie_word_embeddings and "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["backbone.embeddings.weight"]
-        _check_weights(self, weights, as_in_checkpoint)
-        _report_unquantized(self, weights)
+        if "backbone.out_norm.weight" in weights and "out_norm" not in self.backbone:
+            # transformers builds and applies out_norm whatever add_out_norm says, and saves it;
+            # NX-AI's xLSTMLarge follows the flag and saves none: apply it when it is there.
+            self.backbone.out_norm = RMSNorm(self.args.hidden_size, self.args.norm_eps, False)
+        check_weights(self, weights, as_in_checkpoint)
+        report_unquantized(self, weights)
         return weights
-
-    def _split_fused(self, weights: dict) -> dict:
-        """weight_mode 'fused' -> the single layout (one way to hold the weights)."""
-        a = self.args
-        splits = {
-            "mlstm_layer.qkv_opreact": (
-                ["q", "k", "v", "ogate_preact"],
-                [a.qk_dim, 2 * a.qk_dim, 2 * a.qk_dim + a.v_dim],
-            ),
-            "mlstm_layer.ifgate_preact": (["igate_preact", "fgate_preact"], [a.num_heads]),
-            "ffn.proj_up_gate_z": (["proj_up_gate", "proj_up"], [a.ffn_dim]),
-        }
-        out = {}
-        for key, value in weights.items():
-            for fused, (names, cuts) in splits.items():
-                if f".{fused}." in key:
-                    prefix, param = key.split(f".{fused}.")
-                    parent = fused.rsplit(".", 1)[0]
-                    for name, part in zip(names, mx.split(value, cuts, axis=0)):
-                        out[f"{prefix}.{parent}.{name}.{param}"] = part
-                    break
-            else:
-                out[key] = value
-        return out
 
     @property
     def cast_predicate(self):
         return lambda path: not ("igate_preact" in path or "fgate_preact" in path)
-
-
-class CompiledStep:
-    """Holds a model's compiled decode step; a copy of the model starts without one."""
-
-    fn = None
-
-    def __deepcopy__(self, memo):
-        return CompiledStep()
-
-
-def _compiled_decode(model: "Model", inputs: mx.array, cache: list) -> mx.array:
-    """mlx-lm's generation loop calls the model once per token; tracing the step once per
-    batch size, instead of rebuilding its graph every token, is worth ~35% of decode speed.
-    The weights are inputs of the compiled function (model.state), so quantizing or adapting
-    the model later retraces it."""
-    if model.decode_step.fn is None:
-        model.decode_step.fn = mx.compile(model._decode_states, inputs=model.state)
-    logits, states = model.decode_step.fn(inputs, [c.cache for c in cache])
-    for c, state in zip(cache, states):
-        c.cache = state
-    return logits
-
-
-# transformers' names -> ours, which follow mlx-lm's (`layers.N.` for pipeline loading,
-# `down_proj`/`v_proj` for the mixed quantization recipes).
-HF_TO_MLX = {
-    "backbone.blocks.": "backbone.layers.",
-    ".mlstm_layer.q.": ".mlstm_layer.q_proj.",
-    ".mlstm_layer.k.": ".mlstm_layer.k_proj.",
-    ".mlstm_layer.v.": ".mlstm_layer.v_proj.",
-    ".ffn.proj_up_gate.": ".ffn.gate_proj.",
-    ".ffn.proj_up.": ".ffn.up_proj.",
-    ".ffn.proj_down.": ".ffn.down_proj.",
-}
-
-
-def mlx_name(key: str) -> str:
-    for hf, ours in HF_TO_MLX.items():
-        key = key.replace(hf, ours)
-    return key
-
-
-def hf_name(key: str) -> str:
-    for hf, ours in HF_TO_MLX.items():
-        key = key.replace(ours, hf)
-    return key
-
-
-def _check_cache(model: "Model", cache: list):
-    """A prompt cache saved with another model fails here, naming the shapes, not deep in the cell."""
-    args = model.args
-    expected = (model.layers[0].mlstm_layer.num_heads, args.qk_dim // args.num_heads, args.v_dim // args.num_heads)
-    first = cache[0]
-    found = tuple(first[0].shape[1:]) if isinstance(first, ArraysCache) else type(first).__name__
-    if len(cache) != len(model.layers) or found != expected:
-        raise ValueError(
-            f"xLSTM: the prompt cache does not fit this model (saved with another one?): it holds "
-            f"{len(cache)} layers with state C {found} per sequence; the model needs "
-            f"{len(model.layers)} layers with C (heads, Dqk, Dv) = {expected}"
-        )
-
-
-def _check_weights(model: nn.Module, weights: dict, as_in_checkpoint=str):
-    """Name the tensor that is missing, unexpected or misshaped, before mlx-lm's strict load."""
-    from mlx.utils import tree_flatten
-
-    expected = dict(tree_flatten(model.parameters()))
-    quantized = {k.rsplit(".", 1)[0] for k in weights if k.endswith(".scales")}
-    module_of = lambda k: k.rsplit(".", 1)[0]
-    missing = [as_in_checkpoint(k) for k in expected if k not in weights]
-    unexpected = [
-        as_in_checkpoint(k) for k in weights
-        if k not in expected and not (module_of(k) in quantized and k.endswith((".scales", ".biases")))
-    ]
-    if missing or unexpected:
-        raise ValueError(
-            "xLSTM checkpoint does not match its config: "
-            + (f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
-        )
-    for key, param in expected.items():
-        if module_of(key) in quantized:
-            continue
-        if tuple(weights[key].shape) != tuple(param.shape):
-            raise ValueError(
-                f"xLSTM checkpoint: tensor '{as_in_checkpoint(key)}' has shape {tuple(weights[key].shape)}, "
-                f"the config implies {tuple(param.shape)}"
-            )
-
-
-def _report_unquantized(model: nn.Module, weights: dict):
-    """mlx-lm's quantize leaves a layer in float, without a word, when the group size does
-    not divide its input width (the FFN down projection of xLSTM-7b: 10944 = 171 x 64, so
-    at group 128). Say so on load, with the group sizes that would fit."""
-    import warnings
-
-    scales = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
-    if not scales:
-        return
-    linears = {p: m for p, m in model.named_modules() if hasattr(m, "to_quantized")}
-    path, s = next(iter(scales.items()))
-    group_size = linears[path].weight.shape[-1] // s.shape[-1]
-    skipped = {
-        p: m.weight.shape[-1] for p, m in linears.items()
-        if p not in scales and m.weight.shape[-1] % group_size
-    }
-    if skipped:
-        widths = sorted(set(skipped.values()))
-        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
-        warnings.warn(
-            f"xLSTM: {len(skipped)} layers stay unquantized (e.g. {next(iter(skipped))}): their input "
-            f"width {widths} is not a multiple of the group size {group_size}"
-            + (f"; --q-group-size {fits[0]} quantizes them too" if fits else ""),
-            stacklevel=2,
-        )

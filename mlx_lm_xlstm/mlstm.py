@@ -1,20 +1,55 @@
-"""The mLSTM cell of xLSTM-7b in pure MLX: the reference path, and the fallback of the kernels.
+"""The mLSTM cell of both architectures: `mlstm_update`, and its pure-MLX reference.
 
 Per head the state is C (Dqk, Dv), n (Dqk) and the stabiliser m (scalar), always fp32.
 Gates, decays and the state are fp32; the chunkwise form's matmuls take bf16 inputs for a
 bf16 model (fp32 accumulation, as NX-AI's TFLA kernels do): tensor cores make prefill fast.
-The gates come in as `i` (the soft-capped input-gate pre-activation) and
-`log_f` (logsigmoid of the soft-capped forget-gate pre-activation).
-A masked step carries `i = MASKED_I` and `log_f = 0`: it leaves the state unchanged.
+Inside the cell the gates are `i` (the input-gate pre-activation) and `log_f` (logsigmoid of
+the forget-gate pre-activation). A masked step carries `i = MASKED_I` and `log_f = 0`: it
+leaves the state unchanged.
+
+`mlstm_step_ops`, `chunk_states_ops` and `mlstm_chunkwise_ops` are the reference: the
+plain path (`MLX_XLSTM_KERNELS=0`), the fallback of the kernels, and their VJPs.
 """
 
+import functools
+import os
+from typing import Optional, Tuple
+
 import mlx.core as mx
+import mlx.nn as nn
+
+from . import kernels
 
 # Finite rather than -inf: a chunk whose steps are all masked must stay NaN-free.
 MASKED_I = -1e30
+# The shortest piece the chunkwise form runs: shorter prompts are padded up to it.
+MIN_PIECE = 8
 
 
-def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
+class GateProjection(nn.Module):
+    """The input/forget gate pre-activation, one per head, in fp32.
+
+    Not an nn.Linear on purpose: without `to_quantized`, no quantization recipe of
+    mlx-lm touches it, and the exponential gates stay exact.
+    """
+
+    def __init__(self, dims: int, num_heads: int):
+        super().__init__()
+        scale = dims**-0.5  # nn.Linear's init
+        self.weight = mx.random.uniform(-scale, scale, (num_heads, dims))
+        self.bias = mx.random.uniform(-scale, scale, (num_heads,))
+
+    def __call__(self, x):
+        return mx.addmm(self.bias, x.astype(mx.float32), self.weight.astype(mx.float32).T)
+
+
+
+def fast_path_enabled() -> bool:
+    """False when the user forces the plain pure-MLX path with MLX_XLSTM_KERNELS=0."""
+    return os.environ.get("MLX_XLSTM_KERNELS", "1").strip() != "0"
+
+
+def mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=1e-6):
     """One token.
 
     q, k: (B, H, Dqk); v: (B, H, Dv); i, log_f: (B, H);
@@ -42,7 +77,7 @@ def _segment_sums(g):
     return mx.where(mx.tri(n, dtype=mx.bool_), mx.cumsum(x, axis=-2), -mx.inf)
 
 
-def chunk_states(g, a_max, dC, dn, C, n, m):
+def chunk_states_ops(g, a_max, dC, dn, C, n, m):
     """States entering each chunk, and the state after the last one, without a loop over chunks.
 
     g: (B, H, NC) log decay over each chunk; a_max: (B, H, NC) the stabiliser that
@@ -66,12 +101,12 @@ def chunk_states(g, a_max, dC, dn, C, n, m):
     return (C_in, ns[:, :, :-1], m_all[..., :-1]), (Cs[:, :, -1], ns[:, :, -1], m_all[..., -1])
 
 
-def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6, states=chunk_states):
+def mlstm_chunkwise_ops(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6, states=chunk_states_ops):
     """T tokens at once, in chunks: attention-like inside a chunk, recurrent between chunks.
 
-    q, k: (B, H, T, Dqk); v: (B, H, T, Dv); i, log_f: (B, H, T); state as in `mlstm_step`.
+    q, k: (B, H, T, Dqk); v: (B, H, T, Dv); i, log_f: (B, H, T); state as in `mlstm_step_ops`.
     Any T: the last chunk is padded with masked steps, which leave the state as it is.
-    `states` computes the chunk states (`chunk_states`, or a kernel of the same function).
+    `states` computes the chunk states (`chunk_states_ops`, or a kernel of the same function).
     Returns h (B, H, T, Dv) in fp32 and the state after the last token.
     """
     B, H, T, Dqk = q.shape
@@ -111,3 +146,107 @@ def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6, states=
     den = (q_inter @ n_in[..., None]).squeeze(-1) + S.sum(axis=-1)
     h = num / (mx.maximum(mx.abs(den), mx.exp(-m_comb)) + eps)[..., None]
     return h.reshape(B, H, NC * L, Dv)[:, :, :T], state
+
+
+# The cell is many small elementwise ops around a few matmuls: compiling fuses them into
+# far fewer launches. Traced once per shape: `_pieces` keeps the shapes few.
+_compiled_step = mx.compile(mlstm_step_ops)
+_compiled_chunkwise = mx.compile(mlstm_chunkwise_ops)
+_compiled_chunkwise_fused = mx.compile(functools.partial(mlstm_chunkwise_ops, states=kernels.chunk_states_kernel))
+
+
+def _step(q, k, v, i, log_f, state, eps):
+    if fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state):
+        return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps)
+    step = _compiled_step if fast_path_enabled() else mlstm_step_ops
+    return step(q, k, v, i, log_f, *state, eps=eps)
+
+
+def _chunkwise(q, k, v, i, log_f, state, chunk_size, eps):
+    if not fast_path_enabled():
+        chunkwise = mlstm_chunkwise_ops
+    elif kernels.chunk_states_kernel_applies(*state):
+        chunkwise = _compiled_chunkwise_fused
+    else:
+        chunkwise = _compiled_chunkwise
+    return chunkwise(q, k, v, i, log_f, *state, chunk_size=chunk_size, eps=eps)
+
+
+def _pieces(T: int, chunk_size: int, max_piece: int):
+    """(tokens, padded length) of the pieces a T-token prompt runs in: whole chunks in
+    power-of-two multiples (at most max_piece), then the rest padded with masked steps up to
+    a power of two (at least MIN_PIECE). A compiled function is traced once per shape, so
+    every prompt length reuses the same few traces; pieces of whole chunks keep the chunk
+    boundaries of one pass."""
+    pieces, left = [], T
+    while left:
+        if left >= chunk_size:
+            n = padded = min(chunk_size << ((left // chunk_size).bit_length() - 1), max_piece)
+        else:
+            n = min(left, max_piece)
+            padded = min(max(MIN_PIECE, 1 << (n - 1).bit_length()), chunk_size)
+        pieces.append((n, padded))
+        left -= n
+    return pieces
+
+
+def _pad_steps(x, n: int, value=0.0):
+    """x (B, H, T, ...) with n masked steps appended along T."""
+    return mx.pad(x, [(0, 0), (0, 0), (0, n)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
+
+
+def mlstm_update(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    i: mx.array,
+    f: mx.array,
+    state: Optional[Tuple[mx.array, mx.array, mx.array]] = None,
+    mask: Optional[mx.array] = None,
+    *,
+    chunk_size: int = 64,
+    max_piece: int = 16384,
+    eps: float = 1e-6,
+):
+    """The mLSTM cell on T new tokens, as both architectures call it.
+
+    q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) input- and forget-gate
+    pre-activations; state: (C, n, m) or None for the zero state; mask: (B, T) or None
+    (masked steps leave the state as it is).
+    One token runs the recurrent step; more run chunkwise in pieces of at most `max_piece`
+    tokens (a working set bounded whatever the length, the same result as one pass).
+    The fused kernels run where they apply, the compiled reference otherwise, and the plain
+    reference with MLX_XLSTM_KERNELS=0.
+    Returns h (B, T, H, Dv) in fp32 and the new state.
+    """
+    B, T, H, Dqk = q.shape
+    if state is None:
+        Dv = v.shape[-1]
+        state = (
+            mx.zeros((B, H, Dqk, Dv), mx.float32),
+            mx.zeros((B, H, Dqk), mx.float32),
+            mx.zeros((B, H), mx.float32),
+        )
+    log_f = nn.log_sigmoid(f.astype(mx.float32))
+    i = i.astype(mx.float32)
+    if mask is not None:
+        i = mx.where(mask[..., None], i, MASKED_I)
+        log_f = mx.where(mask[..., None], log_f, 0.0)
+    q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
+    i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)
+
+    if T == 1:
+        h, state = _step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], state, eps)
+        return h[:, None], state
+
+    hs, start = [], 0
+    for n, padded in _pieces(T, chunk_size, max_piece):
+        piece = slice(start, start + n)
+        args = [q[:, :, piece], k[:, :, piece], v[:, :, piece], i[..., piece], log_f[..., piece]]
+        if padded > n:
+            args = [_pad_steps(x, padded - n, MASKED_I if j == 3 else 0.0) for j, x in enumerate(args)]
+        h, state = _chunkwise(*args, state, chunk_size, eps)
+        hs.append(h[:, :, :n])
+        start += n
+    h = mx.concatenate(hs, axis=2) if len(hs) > 1 else hs[0]
+    return h.swapaxes(1, 2), state

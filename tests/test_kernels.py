@@ -47,6 +47,16 @@ def flat(result):
     return h, C, n, m
 
 
+def dispatch_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
+    """The step as `mlstm_update` runs it: kernel where it applies, compiled ops otherwise."""
+    return ops._step(q, k, v, i, log_f, (C, n, m), eps)
+
+
+def dispatch_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
+    """One chunkwise piece as `mlstm_update` runs it."""
+    return ops._chunkwise(q, k, v, i, log_f, (C, n, m), chunk_size, eps)
+
+
 # ---- dispatch, on any machine: stand-in kernels that compute with the ops functions ----
 
 
@@ -54,7 +64,7 @@ def step_outputs(inputs, template, grid, threadgroup):
     q, k, v, i, log_f, C, n, m, eps = inputs
     assert template["DQK"] == q.shape[-1] and grid[0] % 32 == 0
     assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[1]
-    h, (C, n, m) = ops.mlstm_step(q, k, v, i, log_f, C, n, m, eps=eps.item())
+    h, (C, n, m) = ops.mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=eps.item())
     return [h, C, n, m]
 
 
@@ -62,7 +72,7 @@ def chunk_state_outputs(inputs, template, grid, threadgroup):
     g, a_max, dC, dn, C, n, m = inputs
     assert template["NC"] == g.shape[-1] and grid[0] % threadgroup[0] == 0
     assert grid[0] >= dC.shape[-1] * dC.shape[-2] + dn.shape[-1] and grid[1] == g.shape[0] * g.shape[1]
-    (C_in, n_in, m_in), (C, n, m) = ops.chunk_states(g, a_max, dC, dn, C, n, m)
+    (C_in, n_in, m_in), (C, n, m) = ops.chunk_states_ops(g, a_max, dC, dn, C, n, m)
     return [C_in, n_in, m_in, C, n, m]
 
 
@@ -106,10 +116,10 @@ def stand_in_chunk_states(monkeypatch):
 def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
     kernel = stand_in()
     args = random_step(2, 2, 8, 24, mx.float32, key=1, masked=[1])
-    assert_close(flat(kernels.mlstm_step(*args)), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+    assert_close(flat(dispatch_step(*args)), flat(ops.mlstm_step_ops(*args)), 1e-6, 1e-6)
     checks = kernel.calls - 1  # the first-use comparison ran the kernel too
     assert checks >= 1 and kernels._verified["step"] is True
-    kernels.mlstm_step(*args)
+    dispatch_step(*args)
     assert kernel.calls == checks + 2  # checked once only
 
 
@@ -117,7 +127,7 @@ def test_env_variable_forces_the_ops_path(stand_in, monkeypatch):
     kernel = stand_in()
     monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
     args = random_step(1, 2, 8, 24, mx.float32, key=2)
-    assert_close(flat(kernels.mlstm_step(*args)), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+    assert_close(flat(dispatch_step(*args)), flat(ops.mlstm_step_ops(*args)), 1e-6, 1e-6)
     assert kernel.calls == 0
 
 
@@ -125,12 +135,12 @@ def test_a_wrong_kernel_warns_once_and_falls_back(stand_in):
     kernel = stand_in(wrong=True)
     args = random_step(2, 1, 8, 24, mx.float32, key=3)
     with pytest.warns(UserWarning, match="fused mLSTM step kernel is disabled"):
-        got = kernels.mlstm_step(*args)
-    assert_close(flat(got), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+        got = dispatch_step(*args)
+    assert_close(flat(got), flat(ops.mlstm_step_ops(*args)), 1e-6, 1e-6)
     calls = kernel.calls
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.mlstm_step(*args)
+        dispatch_step(*args)
     assert kernel.calls == calls and kernels._verified["step"] is False
 
 
@@ -139,15 +149,15 @@ def test_a_kernel_that_raises_falls_back(stand_in, monkeypatch):
     monkeypatch.setattr(step, "kernel", lambda **kw: (_ for _ in ()).throw(RuntimeError("nvrtc")))
     args = random_step(1, 1, 8, 24, mx.float32, key=4)
     with pytest.warns(UserWarning, match="nvrtc"):
-        got = kernels.mlstm_step(*args)
-    assert_close(flat(got), flat(ops.mlstm_step(*args)), 1e-6, 1e-6)
+        got = dispatch_step(*args)
+    assert_close(flat(got), flat(ops.mlstm_step_ops(*args)), 1e-6, 1e-6)
 
 
 def test_unsupported_inputs_take_the_ops_path(stand_in):
     kernel = stand_in()
     q, k, v, i, log_f, C, n, m = random_step(1, 2, 8, 24, mx.float32, key=5)
-    kernels.mlstm_step(q, k, v, i, log_f, C.astype(mx.bfloat16), n, m)  # state not fp32
-    kernels.mlstm_step(q.astype(mx.int32), k, v, i, log_f, C, n, m)
+    dispatch_step(q, k, v, i, log_f, C.astype(mx.bfloat16), n, m)  # state not fp32
+    dispatch_step(q.astype(mx.int32), k, v, i, log_f, C, n, m)
     assert kernel.calls == 0
 
 
@@ -162,7 +172,7 @@ def test_gradients_through_the_kernel_are_the_ops_gradients(stand_in):
 
         return mx.grad(f, argnums=(0, 1, 2, 3))(args[0], args[1], args[2], args[5])
 
-    for got, want in zip(loss(kernels.mlstm_step), loss(ops.mlstm_step)):
+    for got, want in zip(loss(dispatch_step), loss(ops.mlstm_step_ops)):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
 
 
@@ -185,19 +195,19 @@ def random_prompt(B, H, T, Dqk, Dv, dtype, key, masked_from=None):
 def test_chunkwise_dispatch_uses_the_chunk_state_kernel(stand_in_chunk_states):
     kernel = stand_in_chunk_states()
     args = random_prompt(2, 2, 11, 8, 16, mx.float32, key=8, masked_from=5)
-    got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+    got = dispatch_chunkwise(*args, chunk_size=4)
     assert kernel.calls >= 2 and kernels._verified["chunk_states"] is True
-    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 1e-5, 1e-6)
+    assert_close(flat(got), flat(ops.mlstm_chunkwise_ops(*args, chunk_size=4)), 1e-5, 1e-6)
 
 
 def test_a_wrong_chunk_state_kernel_warns_and_falls_back(stand_in_chunk_states):
     kernel = stand_in_chunk_states(wrong=True)
     args = random_prompt(1, 2, 9, 8, 16, mx.float32, key=9)
     with pytest.warns(UserWarning, match="chunk_states kernel is disabled"):
-        got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+        got = dispatch_chunkwise(*args, chunk_size=4)
     calls = kernel.calls
-    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 1e-5, 1e-6)
-    kernels.mlstm_chunkwise(*args, chunk_size=4)
+    assert_close(flat(got), flat(ops.mlstm_chunkwise_ops(*args, chunk_size=4)), 1e-5, 1e-6)
+    dispatch_chunkwise(*args, chunk_size=4)
     assert kernel.calls == calls and kernels._verified["chunk_states"] is False
 
 
@@ -205,9 +215,9 @@ def test_chunkwise_without_kernels_is_the_ops_path(stand_in_chunk_states, monkey
     kernel = stand_in_chunk_states()
     monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
     args = random_prompt(1, 2, 7, 8, 16, mx.float32, key=10)
-    got = kernels.mlstm_chunkwise(*args, chunk_size=4)
+    got = dispatch_chunkwise(*args, chunk_size=4)
     assert kernel.calls == 0
-    assert_close(flat(got), flat(ops.mlstm_chunkwise(*args, chunk_size=4)), 0, 0)
+    assert_close(flat(got), flat(ops.mlstm_chunkwise_ops(*args, chunk_size=4)), 0, 0)
 
 
 def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in_chunk_states):
@@ -221,7 +231,7 @@ def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in
 
         return mx.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, i, C)
 
-    for got, want in zip(grads(kernels.mlstm_chunkwise), grads(ops.mlstm_chunkwise)):
+    for got, want in zip(grads(dispatch_chunkwise), grads(ops.mlstm_chunkwise_ops)):
         assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
 
 
@@ -301,7 +311,7 @@ def test_cuda_chunk_states_source_compiles(dtype):
 def test_kernel_matches_ops(B, dtype, Dqk, Dv):
     args = random_step(B, 2, Dqk, Dv, dtype, key=B, masked=[0])
     got = flat(step.launch(step.kernel, *args, 1e-6))
-    want = flat(ops.mlstm_step(*args))
+    want = flat(ops.mlstm_step_ops(*args))
     assert_close(got, want, rtol=1e-4, atol=1e-5)
     # the masked sequence keeps its state bit for bit
     assert mx.array_equal(got[1][0], args[5][0]).item() and mx.array_equal(got[3][0], args[7][0]).item()
@@ -314,8 +324,8 @@ def test_kernel_over_many_steps_stays_with_ops():
     state_k = state_o = (C, n, m)
     for t in range(256):
         q, k, v, i, log_f, *_ = random_step(B, H, Dqk, Dv, mx.bfloat16, key=100 + t, masked=[t % 2])
-        h_k, state_k = kernels.mlstm_step(q, k, v, i, log_f, *state_k)
-        h_o, state_o = ops.mlstm_step(q, k, v, i, log_f, *state_o)
+        h_k, state_k = dispatch_step(q, k, v, i, log_f, *state_k)
+        h_o, state_o = ops.mlstm_step_ops(q, k, v, i, log_f, *state_o)
         mx.eval(h_k, state_k, h_o, state_o)
     assert kernels._verified["step"] is True
     assert_close((h_k, *state_k), (h_o, *state_o), rtol=1e-3, atol=1e-4)
@@ -326,7 +336,7 @@ def test_kernel_over_many_steps_stays_with_ops():
 @pytest.mark.parametrize("B, NC, Dqk, Dv", [(1, 32, 256, 512), (3, 5, 12, 40)])
 def test_chunk_state_kernel_matches_ops(dtype, B, NC, Dqk, Dv):
     args = kernels._random_chunk_inputs(B=B, H=2, NC=NC, Dqk=Dqk, Dv=Dv, dtype=dtype)
-    (got_in, got_out), (want_in, want_out) = chunk_states.launch(chunk_states.kernel, *args), ops.chunk_states(*args)
+    (got_in, got_out), (want_in, want_out) = chunk_states.launch(chunk_states.kernel, *args), ops.chunk_states_ops(*args)
     assert got_in[0].dtype == dtype
     assert_close((*got_in[1:], *got_out), (*want_in[1:], *want_out), rtol=1e-4, atol=1e-5)
     # C_in: rounded to bf16 from fp32 values that differ in the last bits: an ulp at most
@@ -338,8 +348,8 @@ def test_chunk_state_kernel_matches_ops(dtype, B, NC, Dqk, Dv):
 @pytest.mark.parametrize("T", [64, 200, 2048])
 def test_fused_chunkwise_matches_ops(dtype, T):
     args = random_prompt(2, 8, T, 256, 512, dtype, key=T, masked_from=T // 3)
-    got = flat(kernels.mlstm_chunkwise(*args))
-    want = flat(ops.mlstm_chunkwise(*args))
+    got = flat(dispatch_chunkwise(*args))
+    want = flat(ops.mlstm_chunkwise_ops(*args))
     assert kernels._verified["chunk_states"] is True
     assert_close(got[1:], want[1:], rtol=1e-4, atol=1e-5)  # the state: fp32 all the way
     # h: bf16 matmuls round the entering states (C_in) differently by an ulp here and there

@@ -60,10 +60,10 @@ def test_bf16_chunkwise_stays_within_bf16_rounding_of_the_fp32_step_loop():
     log_f = nn.log_sigmoid(4 + mx.random.normal((B, H, T), key=keys[4]))
     state = (mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H)))
 
-    h, (C, n, m) = ops.mlstm_chunkwise(q, k, v, i, log_f, *state)
+    h, (C, n, m) = ops.mlstm_chunkwise_ops(q, k, v, i, log_f, *state)
     hs, s = [], state
     for t in range(T):
-        h_t, s = ops.mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[..., t], log_f[..., t], *s)
+        h_t, s = ops.mlstm_step_ops(q[:, :, t], k[:, :, t], v[:, :, t], i[..., t], log_f[..., t], *s)
         hs.append(h_t)
     h_loop = mx.stack(hs, axis=2)
     rel = lambda got, want: (mx.abs(got - want).max() / mx.abs(want).max()).item()

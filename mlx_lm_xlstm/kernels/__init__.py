@@ -1,30 +1,25 @@
-"""The mLSTM cell as the model calls it: fused kernels where they run, the pure-MLX path otherwise.
+"""Fused kernels for the mLSTM cell: Metal and CUDA twins of two reference functions.
 
-`mlstm_step` and `mlstm_chunkwise` take exactly the arguments of `mlx_lm_xlstm.mlstm`.
-Two kernels replace a pure-MLX function of the same arguments:
-  - `step.py`: the whole decode step (`mlstm.mlstm_step`),
-  - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states`);
+  - `step.py`: the whole decode step (`mlstm.mlstm_step_ops`),
+  - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
     the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`.
-A kernel runs when
+`mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
+`mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes. A kernel applies when
   - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
-  - `MLX_XLSTM_KERNELS` is not "0",
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
-  - it matched the pure-MLX function on a small random input the first time it was asked for.
-Each kernel has the pure-MLX function's VJP (`mx.custom_function`), so training through it is
-exact. MLX_XLSTM_KERNELS=0 forces the plain, uncompiled pure-MLX path.
+  - it matched the reference on a small random input the first time it was asked for.
+Each kernel has the reference's VJP (`mx.custom_function`), so training through it is exact.
 """
 
 import functools
-import os
 import warnings
 
 import mlx.core as mx
 
-from .. import mlstm as ops
 from . import chunk_states as _chunk_states
 from . import step as _step
 
-__all__ = ["mlstm_step", "mlstm_chunkwise", "kernels_enabled"]
+__all__ = ["mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies"]
 
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -32,9 +27,11 @@ _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _verified = {"step": None, "chunk_states": None}
 
 
-def kernels_enabled() -> bool:
-    """False when the user forces the plain pure-MLX path with MLX_XLSTM_KERNELS=0."""
-    return os.environ.get("MLX_XLSTM_KERNELS", "1").strip() != "0"
+def _reference():
+    """The pure-MLX functions the kernels replace (imported late: `mlstm` imports us)."""
+    from .. import mlstm
+
+    return mlstm
 
 
 def _on_gpu() -> bool:
@@ -62,7 +59,7 @@ def _flat(result):
 def _fused_step(kernel, eps: float):
     return _with_ops_vjp(
         lambda *args: _flat(_step.launch(kernel, *args, eps)),
-        lambda *args: _flat(ops.mlstm_step(*args, eps=eps)),
+        lambda *args: _flat(_reference().mlstm_step_ops(*args, eps=eps)),
     )
 
 
@@ -87,7 +84,7 @@ def _random_step_inputs(B=2, H=2, Dqk=16, Dv=40, dtype=mx.float32):
     v = normal(keys[2], (B, H, Dv)).astype(dtype)
     i = normal(keys[3], (B, H), 3.0)
     log_f = -mx.abs(normal(keys[4], (B, H)))
-    i[0] = ops.MASKED_I
+    i[0] = _reference().MASKED_I
     log_f[0] = 0.0
     C = normal(keys[5], (B, H, Dqk, Dv))
     n = normal(keys[6], (B, H, Dqk))
@@ -102,7 +99,7 @@ def _random_chunk_inputs(B=2, H=2, NC=5, Dqk=16, Dv=40, dtype=mx.float32):
     g = -mx.abs(normal(keys[0], (B, H, NC), 4.0))
     a_max = normal(keys[1], (B, H, NC), 3.0)
     g[:, :, 2] = 0.0
-    a_max[:, :, 2] = ops.MASKED_I
+    a_max[:, :, 2] = _reference().MASKED_I
     dC = normal(keys[2], (B, H, NC, Dqk, Dv)).astype(dtype)
     dn = normal(keys[3], (B, H, NC, Dqk))
     return g, a_max, dC, dn, normal(keys[4], (B, H, Dqk, Dv)), normal(keys[5], (B, H, Dqk)), normal(keys[6], (B, H))
@@ -120,7 +117,7 @@ def _step_matches_ops() -> bool:
     """The step kernel against the pure-MLX step (fp32 and bf16 inputs, a masked sequence)."""
     for dtype in (mx.float32, mx.bfloat16):
         args = _random_step_inputs(dtype=dtype)
-        want_h, want_state = ops.mlstm_step(*args)
+        want_h, want_state = _reference().mlstm_step_ops(*args)
         got_h, got_state = _step.launch(_step.kernel, *args, 1e-6)
         if not _all_close((got_h, *got_state), (want_h, *want_state)):
             return False
@@ -128,10 +125,10 @@ def _step_matches_ops() -> bool:
 
 
 def _chunk_states_match_ops() -> bool:
-    """The chunk-state kernel against `mlstm.chunk_states` (fp32 and bf16 contributions)."""
+    """The chunk-state kernel against `mlstm.chunk_states_ops` (fp32 and bf16 contributions)."""
     for dtype in (mx.float32, mx.bfloat16):
         args = _random_chunk_inputs(dtype=dtype)
-        (want_in, want_out), (got_in, got_out) = ops.chunk_states(*args), _chunk_states.launch(_chunk_states.kernel, *args)
+        (want_in, want_out), (got_in, got_out) = _reference().chunk_states_ops(*args), _chunk_states.launch(_chunk_states.kernel, *args)
         if not _all_close((*got_in, *got_out), (*want_in, *want_out)):
             return False
     return True
@@ -157,49 +154,33 @@ def _kernel_ok(name: str) -> bool:
     return _verified[name]
 
 
-def mlstm_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """One decode step; arguments and result as `mlx_lm_xlstm.mlstm.mlstm_step`."""
-    if (
-        _step.kernel is not None
-        and kernels_enabled()
-        and _on_gpu()
-        and _step_shapes_fit(q, k, v, i, log_f, C, n, m)
-        and _kernel_ok("step")
-    ):
-        h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
-        return h, (C, n, m)
-    step = _compiled_step if kernels_enabled() else ops.mlstm_step
-    return step(q, k, v, i, log_f, C, n, m, eps=eps)
+def mlstm_step_kernel_applies(q, k, v, i, log_f, C, n, m) -> bool:
+    return _step.kernel is not None and _on_gpu() and _step_shapes_fit(q, k, v, i, log_f, C, n, m) and _kernel_ok("step")
 
 
-def mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
-    """Prefill; arguments and result as `mlx_lm_xlstm.mlstm.mlstm_chunkwise`."""
-    if not kernels_enabled():
-        return ops.mlstm_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
-    fused = (
+def mlstm_step_kernel(q, k, v, i, log_f, C, n, m, eps=1e-6):
+    """One decode step by the kernel; arguments and result as `mlstm.mlstm_step_ops`."""
+    h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
+    return h, (C, n, m)
+
+
+def chunk_states_kernel_applies(C, n, m) -> bool:
+    return (
         _chunk_states.kernel is not None
         and _on_gpu()
         and C.dtype == n.dtype == m.dtype == _STATE_DTYPE
         and _kernel_ok("chunk_states")
     )
-    chunkwise = _compiled_chunkwise_fused if fused else _compiled_chunkwise
-    return chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=chunk_size, eps=eps)
 
 
 # The kernel is looked up at each call (tests stand one in).
 _fused_chunk_states = _with_ops_vjp(
     lambda *args: _flat(_chunk_states.launch(_chunk_states.kernel, *args)),
-    lambda *args: _flat(ops.chunk_states(*args)),
+    lambda *args: _flat(_reference().chunk_states_ops(*args)),
 )
 
 
-def _chunk_states_kernel(g, a_max, dC, dn, C, n, m):
+def chunk_states_kernel(g, a_max, dC, dn, C, n, m):
+    """The chunk states by the kernel; arguments and result as `mlstm.chunk_states_ops`."""
     C_in, n_in, m_in, C, n, m = _fused_chunk_states(g, a_max, dC, dn, C, n, m)
     return (C_in, n_in, m_in), (C, n, m)
-
-
-# The cell is many small elementwise ops around a few matmuls: compiling fuses them into
-# far fewer launches.
-_compiled_step = mx.compile(ops.mlstm_step)
-_compiled_chunkwise = mx.compile(ops.mlstm_chunkwise)
-_compiled_chunkwise_fused = mx.compile(functools.partial(ops.mlstm_chunkwise, states=_chunk_states_kernel))

@@ -8,6 +8,9 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
+
+from ..distributed import split_channels
 
 
 def small_init(shape, dim: int) -> mx.array:
@@ -97,6 +100,10 @@ class CausalConv1d(nn.Module):
             new_state = padded[:, T:]
         return self.conv(padded), new_state
 
+    def shard(self, group: mx.distributed.Group):
+        split_channels(self, group)
+        self.conv.groups //= group.size()  # depthwise: one group per channel
+
 
 _ACTIVATIONS = {
     "gelu": nn.gelu,
@@ -127,3 +134,8 @@ class GatedFeedForward(nn.Module):
     def __call__(self, x):
         gate, up = mx.split(self.proj_up(x), [self.hidden], axis=-1)
         return self.dropout(self.proj_down(_ACTIVATIONS[self.act_fn](gate) * up))
+
+    def shard(self, group: mx.distributed.Group):
+        self.proj_up = shard_linear(self.proj_up, "all-to-sharded", segments=2, group=group)
+        self.proj_down = shard_linear(self.proj_down, "sharded-to-all", group=group)
+        self.hidden //= group.size()

@@ -1,6 +1,6 @@
 """The paper's mLSTM layer (pre-up-projection block of Beck et al. 2024; `xlstm.blocks.mlstm`).
 
-The cell is our pure-MLX mLSTM (`mlx_lm_xlstm.mlstm`): the paper's cell has the same
+The cell is `mlx_lm_xlstm.mlstm.mlstm_update`, as xLSTM-7b's: the paper's cell has the same
 recurrence with no soft caps, i = igate pre-activation, log f = logsigmoid(fgate
 pre-activation), eps 1e-6 after the max. The reference scales k by 1/sqrt(DH) where ours
 scales q: every q.k product, hence every output, is the same; only the stored C and n
@@ -11,9 +11,11 @@ relative, inside the 1e-4 parity tolerance).
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 
-from ..large import GateProjection
-from ..mlstm import MASKED_I, mlstm_chunkwise, mlstm_step
+from ..cache import StateSlots
+from ..distributed import HeadGatesFromShards, local_channels, split_channels
+from ..mlstm import GateProjection, mlstm_update
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, small_init, wang_init
 
 CHUNK_SIZE = 64
@@ -23,7 +25,6 @@ class mLSTMCell(nn.Module):
     def __init__(self, inner_dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.chunk_size = CHUNK_SIZE
         self.igate = GateProjection(3 * inner_dim, num_heads)
         self.fgate = GateProjection(3 * inner_dim, num_heads)
         # Reference init: gates start from their biases; forget gates open (3..6).
@@ -36,42 +37,31 @@ class mLSTMCell(nn.Module):
     def __call__(self, q, k, v, mask=None, state=None):
         """q, k, v: (B, T, inner); state (C, n, m) or None. Returns GN(h) (B, T, inner) fp32, state."""
         B, T, _ = q.shape
-        H = self.num_heads
         gate_in = mx.concatenate([q, k, v], axis=-1)
-        i = self.igate(gate_in)
-        log_f = nn.log_sigmoid(self.fgate(gate_in))
-        if mask is not None:
-            i = mx.where(mask[..., None], i, MASKED_I)
-            log_f = mx.where(mask[..., None], log_f, 0.0)
-        i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)
-        heads = lambda y: y.reshape(B, T, H, -1).swapaxes(1, 2)
-        q, k, v = heads(q), heads(k), heads(v)
-        if state is None:
-            D = q.shape[-1]
-            state = (
-                mx.zeros((B, H, D, D), mx.float32),
-                mx.zeros((B, H, D), mx.float32),
-                mx.zeros((B, H), mx.float32),
-            )
-        if T == 1:
-            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], *state)
-            h = h[:, :, None]
-        else:
-            h, state = mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=self.chunk_size)
-        return self.outnorm(h.swapaxes(1, 2)), state
+        heads = lambda y: y.reshape(B, T, self.num_heads, -1)
+        h, state = mlstm_update(
+            heads(q), heads(k), heads(v), self.igate(gate_in), self.fgate(gate_in), state, mask, chunk_size=CHUNK_SIZE
+        )
+        return self.outnorm(h), state
+
+    def shard(self, group: mx.distributed.Group):
+        """This rank's heads; the gates read q, k, v of all heads, so their partial
+        pre-activations are summed over the group."""
+        self.igate, self.fgate = HeadGatesFromShards(self.igate, group), HeadGatesFromShards(self.fgate, group)
+        split_channels(self.outnorm, group)
+        self.num_heads //= group.size()
 
 
 class mLSTMLayer(nn.Module):
     """up-project to [x, z]; q, k from silu(conv(x)), v from x; cell; (GN(h) + skip * conv) * silu(z);
-    down-project. Cache slots: conv state, C, n, m."""
-
-    cache_size = 4
+    down-project."""
 
     def __init__(self, args):
         super().__init__()
         cfg = args.mlstm_block.mlstm
         D, inner, bias = args.embedding_dim, args.mlstm_inner_dim, args.bias
         self.inner_dim = inner
+        self.cache_slots = StateSlots("conv", "C", "n", "m")
         self.proj_up = nn.Linear(D, 2 * inner, bias=bias)
         blocks = inner // cfg.qkv_proj_blocksize
         self.q_proj = LinearHeadwiseExpand(inner, blocks, bias, init_dim=D)
@@ -89,21 +79,25 @@ class mLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
 
     def __call__(self, x, mask=None, cache=None):
-        T = x.shape[1]
         x_mlstm, z = mx.split(self.proj_up(x), [self.inner_dim], axis=-1)
         conv_in = x_mlstm if mask is None else mx.where(mask[..., None], x_mlstm, 0)
-        if cache is not None:
-            x_conv, conv_state = self.conv1d(conv_in, cache[0], cache.lengths)
-            state = None if cache[1] is None else (cache[1], cache[2], cache[3])
-        else:
-            x_conv, _ = self.conv1d(conv_in)
-            state = None
+        lengths = cache.lengths if cache is not None else None
+        x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
         x_conv = nn.silu(x_conv)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
-        h, state = self.mlstm_cell(q, k, v, mask, state)
-        if cache is not None:
-            cache[0] = conv_state
-            cache[1], cache[2], cache[3] = state
-            cache.advance(T)
+        h, (C, n, m) = self.mlstm_cell(q, k, v, mask, self.cache_slots.read(cache, "C", "n", "m"))
+        self.cache_slots.write(cache, conv=conv_state, C=C, n=n, m=m)
         h = h.astype(x.dtype) + self.learnable_skip * x_conv
         return self.dropout(self.proj_down(h * nn.silu(z)))
+
+    def shard(self, group: mx.distributed.Group):
+        """This rank's heads: its slice of both up-projection halves, conv channels, q/k/v
+        blocks, cell, and skip; proj_down sums over the group."""
+        self.proj_up = shard_linear(self.proj_up, "all-to-sharded", segments=2, group=group)
+        for part in (self.q_proj, self.k_proj, self.v_proj):
+            split_channels(part, group)
+        self.conv1d.shard(group)
+        self.mlstm_cell.shard(group)
+        self.learnable_skip = local_channels(self.learnable_skip, group)
+        self.inner_dim //= group.size()
+        self.proj_down = shard_linear(self.proj_down, "sharded-to-all", group=group)

@@ -8,15 +8,15 @@ the xLSTMLMModel state_dict under its own names.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.base import BaseModelArgs
 
-from ..distributed import BlockPipeline, shard_paper
-from ..large import _check_weights
+from ..checkpoint import check_weights
+from ..distributed import BlockPipeline, check_split_inputs
+from ..recurrent import RecurrentModel
 from .components import _ACTIVATIONS, GatedFeedForward, LayerNorm, proj_up_dim, small_init
 from .mlstm_block import mLSTMLayer
 from .slstm import NUM_GATES, sLSTMLayer
@@ -193,13 +193,12 @@ class xLSTMBlockStack(BlockPipeline, nn.Module):
         if args.add_post_blocks_norm:
             self.post_blocks_norm = LayerNorm(args.embedding_dim)
 
-    def __call__(self, x, cache=None):
-        mask = create_ssm_mask(x, cache[0] if cache else None)
+    def __call__(self, x, mask=None, cache=None):
         x = self.run_blocks(x, mask, cache)
         return self.post_blocks_norm(x) if "post_blocks_norm" in self else x
 
 
-class Model(nn.Module):
+class Model(RecurrentModel):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -213,9 +212,9 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(D, V, bias=False)
             self.lm_head.weight = small_init((V, D), D)
 
-    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
+    def forward(self, inputs, mask, cache, fresh: bool):
         x = self.emb_dropout(self.token_embedding(inputs))
-        x = self.xlstm_block_stack(x, cache)
+        x = self.xlstm_block_stack(x, mask, cache)
         if self.args.tie_weights:
             return self.token_embedding.as_linear(x)
         return self.lm_head(x)
@@ -230,10 +229,45 @@ class Model(nn.Module):
         return self.xlstm_block_stack
 
     def shard(self, group: Optional[mx.distributed.Group] = None):
-        shard_paper(self, group or mx.distributed.init())
+        """Tensor parallel over heads: mLSTM and sLSTM layers with their states, and the
+        FFN; every split is checked before anything changes."""
+        group = group or mx.distributed.init()
+        self._check_tensor_parallel(group.size())
+        for block in self.layers:
+            block.xlstm.shard(group)
+            if "ffn" in block:
+                block.ffn.shard(group)
+        self.distributed = group.size() > 1
+
+    def _check_tensor_parallel(self, N: int):
+        args = self.args
+
+        def refuse(what):
+            raise ValueError(
+                f"xLSTM tensor parallel: {what} does not split over {N} ranks "
+                "(use a group size that divides it, or pipeline parallel)"
+            )
+
+        kinds = set(args.block_map)
+        if 0 in kinds:
+            m, inner = args.mlstm_block.mlstm, args.mlstm_inner_dim
+            if m.num_heads % N:
+                refuse(f"mLSTM num_heads {m.num_heads} (inner width and conv channels {inner})")
+            # A block of the headwise q/k/v projections must not straddle two ranks.
+            if (inner // m.qkv_proj_blocksize) % N:
+                refuse(f"mLSTM qkv_proj_blocksize {m.qkv_proj_blocksize} ({inner // m.qkv_proj_blocksize} blocks)")
+        if 1 in kinds:
+            NH = args.slstm_block.slstm.num_heads
+            if NH % N:
+                refuse(f"sLSTM num_heads {NH} (conv channels {args.embedding_dim})")
+            if args.slstm_block.feedforward is not None and args.ffn_dim % N:
+                refuse(f"FFN width {args.ffn_dim}")
+        for j, block in enumerate(self.layers):
+            inputs_split = {name: m for name, m in block.named_modules() if name in ("xlstm.proj_down", "ffn.proj_down")}
+            check_split_inputs({f"xlstm_block_stack.layers.{j}.{name}": m for name, m in inputs_split.items()}, N)
 
     def make_cache(self):
-        return [ArraysCache(size=block.xlstm.cache_size) for block in self.layers]
+        return [block.xlstm.cache_slots.make_cache() for block in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         """The reference's state_dict -> ours: sLSTM kernel/bias to our layout (per the
@@ -251,7 +285,7 @@ class Model(nn.Module):
             elif key.endswith("conv1d.conv.weight") and value.ndim == 3 and value.shape[1] == 1 and value.shape[2] != 1:
                 value = value.swapaxes(1, 2)  # torch (D, 1, K) -> MLX (D, K, 1)
             out[key] = value
-        _check_weights(self, out)
+        check_weights(self, out)
         return out
 
     def _slstm_dims(self):

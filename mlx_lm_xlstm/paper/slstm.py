@@ -16,7 +16,8 @@ checkpoints written by the "vanilla" backend.
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..distributed import gather_channels, local_channels
+from ..cache import StateSlots
+from ..distributed import gather_channels, local_channels, split_channels
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm
 
 NUM_GATES = 4
@@ -89,9 +90,9 @@ class sLSTMCell(nn.Module):
 
 class sLSTMLayer(nn.Module):
     """Optional causal conv + silu feeding the i and f gates; headwise gate projections;
-    the cell; GroupNorm per head. Cache slots: [conv state,] y, c, n, m."""
+    the cell; GroupNorm per head."""
 
-    # Tensor parallel (`distributed.shard_paper`): this rank's heads, on their channels of x.
+    # Tensor parallel (`shard`): this rank's heads, on their channels of x.
     group = None
 
     def __init__(self, args, block_idx: int):
@@ -101,6 +102,7 @@ class sLSTMLayer(nn.Module):
         self.num_heads = NH
         if cfg.conv1d_kernel_size > 0:
             self.conv1d = CausalConv1d(D, cfg.conv1d_kernel_size)
+        self.cache_slots = StateSlots(*(("conv",) if "conv1d" in self else ()), "y", "c", "n", "m")
         # The reference's module named `fgate` computes the input gate, `igate` the forget gate.
         self.fgate = LinearHeadwiseExpand(D, NH, False, init_dim=D)
         self.igate = LinearHeadwiseExpand(D, NH, False, init_dim=D)
@@ -110,38 +112,31 @@ class sLSTMLayer(nn.Module):
         self.group_norm = MultiHeadLayerNorm(NH, D // NH, weight=cfg.group_norm_weight)
         self.dropout = nn.Dropout(args.dropout)
 
-    @property
-    def cache_size(self) -> int:
-        return 5 if "conv1d" in self else 4
-
     def __call__(self, x, mask=None, cache=None):
         if self.group is not None:
             x = local_channels(x, self.group)
         B, T, _ = x.shape
-        has_conv = "conv1d" in self
-        if has_conv:
+        x_conv = x
+        if "conv1d" in self:
             conv_in = x if mask is None else mx.where(mask[..., None], x, 0)
-            if cache is not None:
-                x_conv, conv_state = self.conv1d(conv_in, cache[0], cache.lengths)
-            else:
-                x_conv, _ = self.conv1d(conv_in)
+            lengths = cache.lengths if cache is not None else None
+            x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
             x_conv = nn.silu(x_conv)
-        else:
-            x_conv = x
-        slots = range(int(has_conv), int(has_conv) + 4)  # y, c, n, m
-        state = None
-        if cache is not None and cache[slots[0]] is not None:
-            state = tuple(cache[j] for j in slots)
+            self.cache_slots.write(cache, conv=conv_state)
 
         heads = lambda g: g.reshape(B, T, self.num_heads, 1, -1)
         gates = (self.fgate(x_conv), self.igate(x_conv), self.zgate(x), self.ogate(x))
         wx = mx.concatenate([heads(g) for g in gates], axis=3)
-        y, state = self.slstm_cell(wx, mask, state)
-        if cache is not None:
-            if has_conv:
-                cache[0] = conv_state
-            for j, value in zip(slots, state):
-                cache[j] = value
-            cache.advance(T)
+        y, (y_last, c, n, m) = self.slstm_cell(wx, mask, self.cache_slots.read(cache, "y", "c", "n", "m"))
+        self.cache_slots.write(cache, y=y_last, c=c, n=n, m=m)
         y = self.group_norm(self.dropout(y)).astype(x.dtype)
         return y if self.group is None else gather_channels(y, self.group)
+
+    def shard(self, group: mx.distributed.Group):
+        """This rank's heads on their channels of the replicated input; outputs gathered."""
+        for part in (self.fgate, self.igate, self.zgate, self.ogate, self.slstm_cell, self.group_norm):
+            split_channels(part, group)
+        if "conv1d" in self:
+            self.conv1d.shard(group)
+        self.num_heads //= group.size()
+        self.group = group
