@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 
-import fixtures
+from helpers import fixtures
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "upload_scripts"))
 import publish  # noqa: E402
@@ -71,14 +71,23 @@ def test_variants_have_the_asked_dtype_and_quantization(dry_run):
     assert tensors["backbone.layers.0.mlstm_layer.igate_preact.weight"][0] == "float32"  # cast_predicate
 
 
-def test_built_folders_load_and_generate(dry_run):
-    from mlx_lm import generate, load
+def test_built_folders_load_and_match_the_source(source, dry_run):
+    """Each folder is the source model converted: its logits are the source's within what the
+    variant's rounding gives (RMS error relative to the logits' RMS, measured on this fixture:
+    bf16 0.011, 4-bit 0.24, mixed 3/6 0.51)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
 
     built, *_ = dry_run
+    ids = mx.array(np.random.default_rng(0).integers(2, 320, (1, 48)))
+    reference = np.array(load(str(source))[0](ids))
+    bounds = {"bf16": 0.02, "4bit": 0.35, "mixed_3_6": 0.7}
     for folder in built.values():
-        model, tokenizer = load(str(folder))
-        text = generate(model, tokenizer, prompt="def ", max_tokens=4)
-        assert isinstance(text, str) and len(tokenizer.encode(text)) >= 1
+        model, _ = load(str(folder))
+        logits = np.array(model(ids).astype(mx.float32))
+        error = np.sqrt(((logits - reference) ** 2).mean() / (reference**2).mean())
+        assert error < bounds[folder.name.rsplit("-", 1)[1]], (folder.name, error)
 
 
 def test_card_metadata_and_usage(dry_run):
@@ -92,8 +101,8 @@ def test_card_metadata_and_usage(dry_run):
         assert c.data.library_name == "mlx"
         assert c.data.pipeline_tag == "text-generation"
         assert {"mlx", "xlstm"} <= set(c.data.tags)
-        assert "pip install mlx-lm-xlstm" in c.text
-        assert f'mlx_lm.generate --model {repo_id} --prompt "' in c.text
+        assert "pip install -e ." in c.text and "pip install mlx-lm-xlstm" in c.text  # today / once released
+        assert f'mlx_lm.generate --model {repo_id} --ignore-chat-template --prompt "' in c.text
         assert f'load("{repo_id}")' in c.text
         # quality and speed rows for every variant, measured here
         for variant in ("bf16", "4bit", "mixed_3_6"):
@@ -162,3 +171,38 @@ def test_bad_source_and_existing_output_are_named(source, tmp_path, capsys):
     (tmp_path / "xLSTM-tiny-bf16").mkdir()
     err = run_error([str(source), "--out", str(tmp_path), "--dry-run", "--variants", "bf16", *FAST], capsys)
     assert "already built" in err and "--overwrite" in err
+
+
+def test_the_cards_command_runs_as_written_and_completes_the_raw_prompt(dry_run):
+    """The card's `mlx_lm.generate` line (repo id -> the built folder) gives raw completion of its
+    prompt, not the prompt wrapped in the chat template."""
+    import shlex
+
+    from helpers.cli import cli, generated_text
+    from huggingface_hub import ModelCard
+    from mlx_lm import generate, load
+
+    built, *_ = dry_run
+    repo_id, folder = next(iter(built.items()))
+    line = next(l for l in ModelCard.load(folder / "README.md").text.splitlines() if l.startswith("mlx_lm.generate "))
+    args = shlex.split(line.replace(repo_id, str(folder)))[1:]
+    out = cli("generate", *args, "--max-tokens", "8").stdout
+    model, tokenizer = load(str(folder))
+    prompt = args[args.index("--prompt") + 1]
+    assert generated_text(out) == generate(model, tokenizer, prompt, max_tokens=8)
+
+
+def test_a_dry_run_without_out_leaves_nothing_behind(source, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    built = publish.main([str(source), "--dry-run", "--variants", "bf16", "--no-eval", *FAST])
+    assert list(tmp_path.iterdir()) == []  # no ./mlx_models
+    assert not any(folder.exists() for folder in built.values())
+    out = capsys.readouterr().out
+    assert "would upload" in out and "pass --out DIR to keep the folders" in out
+
+
+def test_a_source_without_a_license_needs_one(source, tmp_path, capsys):
+    assert not (source / "README.md").exists()
+    argv = [str(source), "--dry-run", "--variants", "bf16", "--no-eval", "--out", str(tmp_path)]
+    err = run_error(argv, capsys)
+    assert "no license" in err and "pass --license" in err

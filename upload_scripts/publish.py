@@ -7,7 +7,7 @@ For each variant (bf16, 8bit, 4bit, mixed_3_6, ...) it runs mlx-lm's own `conver
 perplexity against the source weights and decode speed on this machine, writes a model card,
 and uploads the folder (create_repo + upload_folder). Each folder is built in a temporary
 one beside it under --out, and all are moved into place only when complete. --dry-run needs no network:
-it builds the folders and prints what would be uploaded.
+it builds the folders and prints what would be uploaded (in a temporary folder unless --out is given).
 """
 
 import argparse
@@ -15,6 +15,7 @@ import contextlib
 import io
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 VARIANTS = {
@@ -28,7 +29,6 @@ VARIANTS = {
     "mixed_2_6": (2, "mixed_2_6"),
 }
 DEFAULT_VARIANTS = ["bf16", "8bit", "4bit", "mixed_3_6"]
-TAGS = ["mlx", "xlstm", "mlstm", "recurrent", "mlx-lm-xlstm"]
 
 
 class PublishError(Exception):
@@ -173,21 +173,12 @@ def describe_variant(variant: str, group_size: int) -> str:
 
 def card(repo_id: str, variant: str, base_model, license_meta: dict, group_size: int, infos: dict,
          quality, repo_ids: dict, prompt: str, where: str) -> str:
-    import mlx_lm
-
-    import mlx_lm_xlstm
+    """mlx_lm_xlstm.card's model card (the one `convert --upload-repo` uploads too), with the
+    quality and speed of every variant."""
     from mlx_lm_xlstm import info as model_info
+    from mlx_lm_xlstm.card import model_card
     from mlx_lm_xlstm.info import human_bytes
 
-    i = infos[variant]
-    a = i["architecture"]
-    bits = VARIANTS[variant][0]
-    meta = dict(**({"base_model": base_model} if base_model else {}), **license_meta, library_name="mlx",
-                pipeline_tag="text-generation", tags=TAGS + ([f"{bits}-bit"] if bits else ["bf16"]))
-    front = "---\n" + "".join(
-        f"{k}:\n" + "".join(f"- {t}\n" for t in v) if isinstance(v, list) else f"{k}: {v}\n" for k, v in meta.items()
-    ) + "---\n"
-    origin = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "an xLSTM checkpoint"
     rows = []
     for name, rid in repo_ids.items():
         v = infos[name]
@@ -204,40 +195,7 @@ def card(repo_id: str, variant: str, base_model, license_meta: dict, group_size:
         f"Decode tok/s measured with mlx-lm's `stream_generate` on {where}."
         if quality else "Quality and speed were not measured for this upload (--no-eval)."
     )
-    return front + f"""
-# {repo_id}
-
-{origin} converted to MLX: {describe_variant(variant, group_size)}.
-Converted with mlx-lm {mlx_lm.__version__}'s `convert` and [mlx-lm-xlstm](https://pypi.org/project/mlx-lm-xlstm/) {mlx_lm_xlstm.__version__}, the plugin that teaches mlx-lm the `xlstm` model type.
-
-xLSTM is a recurrent language model of mLSTM blocks (matrix memory with exponential gating):
-its state per sequence is constant in length, {human_bytes(i['state_bytes'])} of fp32 C, n and m
-over {a.get('blocks', '?')} blocks, whatever the context.
-
-| | |
-|---|---|
-| parameters | {i['parameters']:,} |
-| blocks / heads / hidden | {a.get('blocks')} / {a.get('heads')} / {a.get('hidden_size')} |
-| weights | {human_bytes(i['weight_bytes'])} |
-| state per sequence | {human_bytes(i['state_bytes'])} (fp32) |
-
-## Use
-
-```bash
-pip install mlx-lm-xlstm
-mlx_lm.generate --model {repo_id} --prompt "{prompt}"
-```
-
-```python
-from mlx_lm import load, generate
-
-model, tokenizer = load("{repo_id}")
-print(generate(model, tokenizer, prompt="{prompt}", max_tokens=100))
-```
-
-The plugin registers itself on install (no import needed); the model inserts its BOS token
-(`<|endoftext|>`, id 0) itself and stops on it.
-
+    extra = f"""
 ## Quality and speed
 
 | variant | weights | perplexity | decode tok/s (measured) | decode bound tok/s at 400 / 800 GB/s |
@@ -248,6 +206,9 @@ The plugin registers itself on install (no import needed); the model inserts its
 The bound is bandwidth / bytes read per token (weights, one embedding row, state read and
 write), from `python -m mlx_lm_xlstm.info`.
 """
+    bits = VARIANTS[variant][0]
+    return str(model_card(repo_id, infos[variant], describe_variant(variant, group_size), base_model, license_meta,
+                          tags=[f"{bits}-bit"] if bits else ["bf16"], prompt=prompt, extra=extra))
 
 
 def license_metadata(source: Path, license_arg) -> dict:
@@ -329,7 +290,8 @@ def main(argv=None):
     p.add_argument("--name", help="repo name stem (default: the source's name)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--out", type=Path, default=Path("mlx_models"), help="where the folders are built")
+    p.add_argument("--out", type=Path, help="where the folders are built (default: ./mlx_models; with --dry-run "
+                   "a temporary folder, removed after the listing)")
     p.add_argument("--base-model", help="base_model of the card (default: the source repo id)")
     p.add_argument("--license", help="license of the card (default: the source card's)")
     p.add_argument("--eval-file", type=Path, default=None, help="text for perplexity (default: Python's LICENSE.txt)")
@@ -359,11 +321,16 @@ def main(argv=None):
             evaluation = dict(text=text_file.read_text(encoding="utf-8", errors="replace"), text_name=text_file.name,
                               eval_tokens=a.eval_tokens,
                               speed_tokens=a.speed_tokens, prompt=a.prompt)
-        built = build(source, a.out, name, a.org, a.variants, a.group_size, base_model, license_meta, evaluation,
-                      a.overwrite)
-        print_plan(built, a.dry_run)
-        if not a.dry_run:
-            upload(api, built, a.private)
+        with contextlib.ExitStack() as stack:
+            out = a.out or (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="publish-")))
+                            if a.dry_run else Path("mlx_models"))
+            built = build(source, out, name, a.org, a.variants, a.group_size, base_model, license_meta, evaluation,
+                          a.overwrite)
+            print_plan(built, a.dry_run)
+            if a.dry_run and a.out is None:
+                print("(built in a temporary folder, now removed: pass --out DIR to keep the folders)")
+            if not a.dry_run:
+                upload(api, built, a.private)
         return built
     except PublishError as e:
         p.exit(2, f"error: {e}\n")
