@@ -1,8 +1,8 @@
 """Perplexity of an xLSTM checkpoint converted by `mlx_lm convert` at several dtypes and bit widths,
 against fp32, on one text. Prints a table.
 
-    python tools/quality.py --model demo/xlstm-stdlib                  # any mlx-lm xLSTM folder
-    python tools/quality.py                                            # the tiny test fixture
+    python tools/quality.py --model DIR         # any mlx-lm xLSTM folder
+    python tools/quality.py                     # the embedded demo model, demo/xlstm-stdlib
 
 Every variant goes through mlx-lm's own convert() and load(), and is scored with
 mlx_lm.perplexity.eval_ppl on the same token windows (BOS first, as the model expects).
@@ -11,7 +11,6 @@ mlx_lm.perplexity.eval_ppl on the same token windows (BOS first, as the model ex
 import argparse
 import contextlib
 import io
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "xlstm-stdlib"
 
 VARIANTS = [  # name, convert() options
     ("fp32", dict(dtype="float32")),
@@ -57,18 +56,14 @@ def main():
     from mlx_lm.utils import load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="an mlx-lm xLSTM folder (default: the tiny test fixture)")
+    parser.add_argument("--model", type=Path, default=DEMO, help="an mlx-lm xLSTM folder (default: %(default)s)")
     parser.add_argument("--text", type=Path, help="a text file (default: stdlib shlex.py + string.py)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--windows", type=int, default=8)
     args = parser.parse_args()
 
+    model_path = args.model
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = args.model
-        if model_path is None:
-            import fixtures
-
-            model_path = fixtures.model_dir(Path(tmp) / "fixture", "single", force_bos_token_insert=True)
         text = args.text.read_text() if args.text else default_text()
         _, tokenizer = load(str(model_path))
         data = windows(tokenizer, text, args.seq_len, args.windows)
