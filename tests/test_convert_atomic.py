@@ -49,8 +49,8 @@ def test_an_existing_output_is_refused_before_any_work_and_kept(tmp_path):
 def test_upload_is_from_the_finished_folder(model_folder, tmp_path, monkeypatch):
     uploads = []
     monkeypatch.setattr(
-        "mlx_lm_xlstm.convert.upload_to_hub",
-        lambda path, repo: uploads.append((path, repo, sorted(p.name for p in tmp_path.iterdir()))),
+        "mlx_lm_xlstm.convert.upload",
+        lambda path, repo, source: uploads.append((path, repo, sorted(p.name for p in tmp_path.iterdir()))),
     )
     out = str(tmp_path / "out")
     convert(hf_path=str(model_folder), mlx_path=out, upload_repo="me/xlstm")
