@@ -69,7 +69,9 @@ def test_cli_greedy_tokens_equal_transformers(tmp_path):
 def test_the_wheel_carries_the_hook(tmp_path):
     """A wheel install (not only an editable one) puts the .pth at site-packages' root."""
     root = Path(mlx_lm_xlstm.__file__).parent.parent
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", root],
+    # Offline: the environment's hatchling (the test extra), no index.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", tmp_path / "dist", root],
                    check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("mlx_lm_xlstm-*.whl"))
     site_dir = tmp_path / "site"
