@@ -1,15 +1,16 @@
 """Train a tiny xLSTM[1:1] language model (one mLSTM and one sLSTM block, the paper's
-architecture) from scratch on bytes of a Python standard-library source file, then
+architecture) from scratch on the bytes of a Python standard-library source file, then
 sample from it with mlx-lm's generation loop (recurrent caches, step decode).
 
     python examples/paper_tiny_lm.py --steps 300 --save tiny_xlstm
-    python -c "from mlx_lm.utils import load_model; print(load_model(__import__('pathlib').Path('tiny_xlstm'))[0])"
+    python -m mlx_lm generate --model tiny_xlstm --prompt "def " --ignore-chat-template
 
-The saved folder is a paper checkpoint (config.json + model.safetensors) that mlx-lm loads.
+The tokens are bytes: a byte-level tokenizer without merges (256 bytes and <|endoftext|>,
+<|padding|>). The saved folder is a paper checkpoint (config.json, weights, that tokenizer)
+that mlx-lm's tools load.
 """
 
 import argparse
-import json
 import sysconfig
 import time
 from functools import partial
@@ -24,6 +25,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_lm_xlstm.paper import Model, ModelArgs
+from mlx_lm_xlstm.save import byte_level_tokenizer, save_checkpoint
+
+BYTES = 256 + 2  # every byte, <|endoftext|> and <|padding|>: no merges
 
 
 def config(dims: int) -> dict:
@@ -37,14 +41,14 @@ def config(dims: int) -> dict:
         "num_blocks": 2,
         "slstm_at": [1],
         "embedding_dim": dims,
-        "vocab_size": 256,
+        "vocab_size": BYTES,
         "tie_weights": True,
     }
 
 
-def corpus(name: str) -> np.ndarray:
-    path = Path(sysconfig.get_paths()["stdlib"]) / name
-    return np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.int32)
+def corpus(name: str, tokenizer) -> np.ndarray:
+    text = (Path(sysconfig.get_paths()["stdlib"]) / name).read_text(encoding="utf-8")
+    return np.array(tokenizer.encode(text), dtype=np.int32)
 
 
 def main():
@@ -63,7 +67,8 @@ def main():
 
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    data = corpus(args.text)
+    tokenizer = byte_level_tokenizer(BYTES)
+    data = corpus(args.text, tokenizer)
     split = int(0.9 * len(data))
     train, valid = data[:split], data[split:]
     cfg = config(args.dims)
@@ -96,17 +101,14 @@ def main():
             print(f"step {it:5d}  train loss {loss.item():.3f}  ({time.perf_counter() - tic:.1f}s)", flush=True)
     print(f"valid loss after: {loss_fn(model, val).item():.3f} nats/byte")
 
-    prompt = mx.array(list(args.prompt.encode()))
+    prompt = mx.array(tokenizer.encode(args.prompt))
     sampler = make_sampler(temp=0.7)
     out = [t for (t, _), _ in zip(generate_step(prompt, model, sampler=sampler), range(args.sample_tokens))]
-    print("sample:", repr(args.prompt + bytes(int(t) for t in out).decode("utf-8", errors="replace")))
+    print("sample:", repr(args.prompt + tokenizer.decode(out)))
 
     if args.save:
-        folder = Path(args.save)
-        folder.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-        print(f"saved: {folder}")
+        save_checkpoint(args.save, model, cfg, tokenizer=tokenizer, overwrite=True)
+        print(f"saved: {args.save}")
 
 
 if __name__ == "__main__":
