@@ -90,12 +90,22 @@ def check_weights(model: nn.Module, weights: dict, as_in_checkpoint=str):
 def report_unquantized(model: nn.Module, weights: dict):
     """mlx-lm's quantize leaves a layer in float, without a word, when the group size does
     not divide its input width (the FFN down projection of xLSTM-7b: 10944 = 171 x 64, so
-    at group 128). Say so on load, with the group sizes that would fit."""
+    at group 128). Say so on load (python -m mlx_lm_xlstm.convert says it when converting)."""
     import warnings
+
+    message = unquantized_message(model, weights)
+    if message:
+        warnings.warn(message, stacklevel=2)
+
+
+def unquantized_message(model: nn.Module, weights: dict):
+    """One line naming the layers that quantized `weights` leave in float and the group sizes
+    that would quantize them, or None."""
+    import re
 
     scales = {k[: -len(".scales")]: v for k, v in weights.items() if k.endswith(".scales")}
     if not scales:
-        return
+        return None
     linears = {p: m for p, m in model.named_modules() if hasattr(m, "to_quantized")}
     path, s = next(iter(scales.items()))
     group_size = linears[path].weight.shape[-1] // s.shape[-1]
@@ -103,12 +113,13 @@ def report_unquantized(model: nn.Module, weights: dict):
         p: m.weight.shape[-1] for p, m in linears.items()
         if p not in scales and m.weight.shape[-1] % group_size
     }
-    if skipped:
-        widths = sorted(set(skipped.values()))
-        fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
-        warnings.warn(
-            f"xLSTM: {len(skipped)} layers stay unquantized (e.g. {next(iter(skipped))}): their input "
-            f"width {widths} is not a multiple of the group size {group_size}"
-            + (f"; --q-group-size {fits[0]} quantizes them too" if fits else ""),
-            stacklevel=2,
-        )
+    if not skipped:
+        return None
+    widths = sorted(set(skipped.values()))
+    fits = [g for g in (128, 64, 32) if all(w % g == 0 for w in widths)]
+    names = sorted({re.sub(r"\.layers\.\d+\.", ".layers.*.", p) for p in skipped})
+    return (
+        f"xLSTM: {len(skipped)} layers stay unquantized ({', '.join(names)}): their input "
+        f"width {widths} is not a multiple of the group size {group_size}"
+        + (f"; --q-group-size {' or '.join(map(str, fits))} quantizes them too" if fits else "")
+    )

@@ -8,11 +8,13 @@ that fails or is interrupted leaves a folder that looks like a model; here the m
 into a temporary folder beside --mlx-path and renamed into place once complete. A local
 --hf-path may hold its weights (transformers' names) in .npz files instead of safetensors.
 --upload-repo uploads the card of mlx_lm_xlstm/card.py (how to install the plugin and run the
-model), not mlx-lm's generic one.
+model), not mlx-lm's generic one. A quantization that leaves layers in float says which.
 """
 
+import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +68,21 @@ def safetensors_source(hf_path: str, scratch: Path) -> str:
     return str(view)
 
 
+def unquantized_note(folder: Path):
+    """What the quantization left in float (mlx-lm skips, silently, layers whose input width
+    the group size does not divide), or None."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "xlstm" or "quantization" not in config:
+        return None
+    import mlx.core as mx
+
+    from . import xlstm
+    from .checkpoint import unquantized_message
+
+    weights = {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in mx.load(str(f)).items()}
+    return unquantized_message(xlstm.Model(xlstm.ModelArgs.from_dict(config)), weights)
+
+
 def upload(folder, upload_repo: str, hf_path: str):
     """Our card, then the folder. The base model and license are the source's: a local source's
     own card, or what mlx-lm's card took from the Hub repo."""
@@ -93,6 +110,8 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", upload_repo: str = None, 
     """mlx_lm.convert's arguments; uploads (if asked) from the finished folder."""
     with atomic_folder(mlx_path) as tmp:
         mlx_lm_convert(hf_path=safetensors_source(hf_path, tmp.parent), mlx_path=str(tmp), **kwargs)
+        if note := unquantized_note(tmp):
+            print(f"[WARNING] {note}", file=sys.stderr)
     if upload_repo is not None:
         upload(mlx_path, upload_repo, hf_path)
 

@@ -4,6 +4,7 @@ the model card it uploads (this plugin's, not mlx-lm's generic one)."""
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import mlx.core as mx
@@ -80,3 +81,25 @@ def test_upload_sends_this_plugins_card(model_folder, tmp_path):
     assert "pip install -e ." in card.text and "pip install mlx-lm-xlstm" in card.text
     assert 'mlx_lm.generate --model me/xlstm-4bit --ignore-chat-template --prompt "' in card.text
     assert "pip install mlx-lm\n" not in card.text  # mlx-lm's generic card
+
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "xlstm-stdlib"
+
+
+@pytest.mark.parametrize("group_size", [128, 64])
+def test_converting_says_which_layers_a_group_size_leaves_in_float(tmp_path, group_size):
+    """The demo is 192 wide: group 128 leaves nearly everything in float (14.2 bits per weight)."""
+    run = run_convert("--hf-path", DEMO, "--mlx-path", tmp_path / "q", "-q", "--q-group-size", group_size)
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "stay unquantized" in line]
+    if group_size == 64:
+        assert warnings == []
+    else:
+        assert warnings == [
+            "[WARNING] xLSTM: 30 layers stay unquantized (backbone.embeddings, backbone.layers.*.ffn.gate_proj, "
+            "backbone.layers.*.ffn.up_proj, backbone.layers.*.mlstm_layer.k_proj, "
+            "backbone.layers.*.mlstm_layer.ogate_preact, backbone.layers.*.mlstm_layer.out_proj, "
+            "backbone.layers.*.mlstm_layer.q_proj, backbone.layers.*.mlstm_layer.v_proj, lm_head): their input "
+            "width [192] is not a multiple of the group size 128; --q-group-size 64 or 32 quantizes them too"
+        ]
+        assert "UserWarning" not in run.stderr
