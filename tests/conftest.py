@@ -38,3 +38,25 @@ def model_folder(tmp_path_factory):
     """A loadable folder with a tokenizer and NX-AI's BOS behaviour (the committed `single`
     checkpoint), shared by every test that only reads it."""
     return fixtures.model_dir(tmp_path_factory.mktemp("m") / "xlstm", "single", force_bos_token_insert=True)
+
+
+
+def greedy_checked(model, tokenizer, prompt, max_tokens: int, tol: float = 1e-4) -> str:
+    """mlx-lm's greedy generation (prefill, cache, step), each token checked against one pass
+    over the whole sequence so far: its logit within `tol` of that pass's largest (low-precision
+    weights round the two paths apart). Returns the text, as `generate` prints it."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=max_tokens))
+    tokens = [r.token for r in responses]
+    for n, token in enumerate(tokens):
+        logits = model(mx.array([ids + tokens[:n]]))[0, -1].astype(mx.float32)
+        assert (logits.max() - logits[token]).item() <= tol, (n, tokens)
+    return "".join(r.text for r in responses)
+
+
+def chat_prompt(tokenizer, text: str) -> list:
+    """The tokens `mlx_lm generate --prompt text` feeds without --ignore-chat-template."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)

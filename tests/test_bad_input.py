@@ -4,6 +4,7 @@ import json
 
 import mlx.core as mx
 import pytest
+from conftest import chat_prompt, greedy_checked
 from helpers import fixtures
 from helpers.cli import cli, generated_text
 from mlx_lm import generate, load
@@ -58,7 +59,9 @@ def test_empty_prompt(model_folder):
     run = cli("generate", "--model", model_folder, "--prompt", "", "--ignore-chat-template", check=False)
     assert run.returncode != 0 and "prompt (or both) must be provided" in run.stderr
     # Through the chat template an empty message is still a prompt.
-    assert generated_text(cli("generate", "--model", model_folder, "--prompt", "", "--max-tokens", "4").stdout)
+    text = generated_text(cli("generate", "--model", model_folder, "--prompt", "", "--max-tokens", "4").stdout)
+    model, tokenizer = load(str(model_folder))
+    assert text and text == greedy_checked(model, tokenizer, chat_prompt(tokenizer, ""), 4)
 
 
 def test_long_prompt_streams_through_bounded_prefill_steps(model_folder):

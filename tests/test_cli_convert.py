@@ -9,10 +9,11 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import chat_prompt, greedy_checked
 from helpers.cli import cli, generated_text
 from helpers.fixtures import random_model_dir
 from mlx.utils import tree_flatten
-from mlx_lm import generate, load
+from mlx_lm import load
 from mlx_lm.convert import convert
 
 IDS = mx.array(np.random.default_rng(0).integers(2, 320, (1, 48)))
@@ -46,13 +47,18 @@ def test_bfloat16_cli_keeps_gates_fp32_and_generates(source, reference, tmp_path
     out = tmp_path / "bf16"
     cli("convert", "--hf-path", source, "--mlx-path", out, "--dtype", "bfloat16")
     text = generated_text(cli("generate", "--model", out, "--prompt", "def", "--max-tokens", "6").stdout)
-    assert text
     model, tokenizer = load(str(out))
+    assert text and text == greedy_checked(model, tokenizer, chat_prompt(tokenizer, "def"), 6, tol=1e-2)
     dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
     assert all(v == mx.float32 for k, v in dtypes.items() if "gate_preact" in k and "ogate" not in k)
     assert dtypes["backbone.layers.0.ffn.down_proj.weight"] == mx.bfloat16
-    assert model.make_cache()[0].state is not None
-    assert relative_error(model, reference) < 3e-2  # bf16: 8-bit mantissa, ~1.3% measured
+    assert relative_error(model, reference) < 2e-2  # bf16: 8-bit mantissa, 1.44% measured
+    # The recurrent state stays fp32 under bf16 weights and carries a prompt fed in two pieces.
+    cache = model.make_cache()
+    pieces = mx.concatenate([model(IDS[:, :40], cache=cache), model(IDS[:, 40:], cache=cache)], axis=1)
+    assert all(s.dtype == mx.float32 for layer in cache for s in layer.cache)
+    whole = model(IDS)
+    assert (mx.abs(pieces - whole).max() / mx.abs(whole).max()).item() < 3e-2  # 1.5% measured
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float16", 2e-3), ("float32", 1e-6)])
@@ -61,7 +67,7 @@ def test_other_dtypes(source, reference, tmp_path, dtype, tolerance):
     model, tokenizer = load(str(tmp_path / dtype))
     assert model.backbone.layers[0].ffn.up_proj.weight.dtype == getattr(mx, dtype)
     assert relative_error(model, reference) < tolerance
-    assert generate(model, tokenizer, "def", max_tokens=4)
+    assert greedy_checked(model, tokenizer, "def", 4, tol=1e-2 if dtype == "float16" else 1e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -78,16 +84,18 @@ def test_quantized_loads_generates_and_says_what_stays_float(source, reference, 
     else:  # 352 inputs: mlx-lm skips the layer; the load says so
         assert not hasattr(layer.ffn.down_proj, "scales")
         assert any("down_proj" in m and f"group size {group_size}" in m and "--q-group-size 32" in m for m in messages)
-    # random tiny weights are hard on 4 bits (~0.5 measured); 8 bits ~0.02
-    assert relative_error(model, reference) < (0.05 if bits == 8 else 0.7)
-    assert generate(model, tokenizer, "def", max_tokens=4)
+    # random tiny weights are hard on 4 bits (0.47-0.50 measured over the group sizes); 8 bits 0.019-0.022
+    assert relative_error(model, reference) < (0.03 if bits == 8 else 0.55)
+    assert greedy_checked(model, tokenizer, "def", 4)
 
 
 def test_quantized_cli_warns_and_generates(source, tmp_path):
     out = tmp_path / "q4"
     cli("convert", "--hf-path", source, "--mlx-path", out, "-q", "--q-bits", "4", "--q-group-size", "64")
     run = cli("generate", "--model", out, "--prompt", "def", "--max-tokens", "6")
-    assert "stay unquantized" in run.stderr and generated_text(run.stdout)
+    model, tokenizer = load(str(out))
+    text = generated_text(run.stdout)
+    assert "stay unquantized" in run.stderr and text and text == greedy_checked(model, tokenizer, chat_prompt(tokenizer, "def"), 6)
 
 
 def test_mixed_recipe(source, tmp_path):
@@ -100,4 +108,4 @@ def test_mixed_recipe(source, tmp_path):
     assert last.ffn.down_proj.bits == 6 and last.mlstm_layer.v_proj.bits == 6
     assert last.ffn.up_proj.bits == 3 and first.ffn.down_proj.bits == 3 and first.mlstm_layer.v_proj.bits == 3
     assert not hasattr(last.mlstm_layer.igate_preact, "scales")  # gates are never quantized
-    assert generate(model, tokenizer, "def", max_tokens=4)
+    assert greedy_checked(model, tokenizer, "def", 4)

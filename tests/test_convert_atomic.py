@@ -5,8 +5,9 @@ import sys
 
 import mlx_lm.utils
 import pytest
+from conftest import greedy_checked
 from helpers.cli import ENV
-from mlx_lm import generate, load
+from mlx_lm import load
 
 from mlx_lm_xlstm.convert import convert
 
@@ -21,7 +22,7 @@ def test_cli_quantizes_into_a_folder_that_loads_and_generates(model_folder, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["q4"]
     model, tokenizer = load(str(out))
     assert model.backbone.layers[0].ffn.down_proj.bits == 4
-    assert generate(model, tokenizer, "def", max_tokens=4)
+    assert greedy_checked(model, tokenizer, "def", 4)
 
 
 @pytest.mark.parametrize("step,error", [("save_config", OSError), ("create_model_card", KeyboardInterrupt)])

@@ -283,7 +283,8 @@ def test_fp16_and_deepcopy():
     assert clone.layers[0].xlstm.mlstm_cell.igate.weight.dtype == mx.float32
     out = clone(ids)
     assert out.dtype == mx.float16
-    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, atol=0.1)
+    # fp16 weights and activations: 3.3e-3 measured (logits up to 2.6; an fp16 ulp there is 2e-3)
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), ref, atol=5e-3)
     cache = clone.make_cache()
     clone(ids, cache=cache)
     assert cache[1][2].dtype == mx.float32  # recurrent states stay fp32

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlx_lm_xlstm
 
-from conftest import needs_torch
+from conftest import greedy_checked, needs_torch
 from helpers import fixtures
 
 
@@ -45,8 +45,13 @@ def generate(folder, prompt: str, max_tokens: int) -> str:
     return out[out.index("==========\n") + 11 : out.rindex("\n==========")]
 
 
-def test_cli_generate_produces_text(model_folder):
-    assert generate(model_folder, "def main", 8)
+def test_cli_generate_runs_our_model(model_folder):
+    """`python -m mlx_lm generate` (registration through the .pth alone) prints our model's greedy text."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(model_folder))
+    text = generate(model_folder, "def main", 8)
+    assert text and text == greedy_checked(model, tokenizer, "def main", 8)
 
 
 @needs_torch
