@@ -17,13 +17,10 @@ from mlx_lm.utils import load, sharded_load
 
 
 def load_case(path: str, mode: str, group):
+    """The whole model in one process; under a launcher, this rank's part (mode: tensor or pipeline)."""
     if group.size() == 1:
         return load(path)[0]
-    if mode == "tensor":
-        return sharded_load(path, tensor_group=group)[0]
-    if mode == "pipeline":
-        return sharded_load(path, pipeline_group=group)[0]
-    raise ValueError(f"unknown mode '{mode}' (expected 'tensor' or 'pipeline')")
+    return sharded_load(path, **{f"{mode}_group": group})[0]
 
 
 def local_heads(model) -> int:
