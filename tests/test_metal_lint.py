@@ -49,6 +49,11 @@ def lint(metal_source: str) -> subprocess.CompletedProcess:
         os.unlink(f.name)
 
 
+def _zero_state(B, H, Dqk, Dv):
+    """C, n, m: fp32 whatever the inputs' dtype."""
+    return mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H))
+
+
 def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
     kernel = mx.fast.metal_kernel("mlstm_step", step.INPUTS, step.OUTPUTS, body)
 
@@ -56,18 +61,9 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
         h, (C, n, m) = step.launch(kernel, q, k, v, i, log_f, C, n, m, 1e-6, verbose=True)
         return h, C, n, m
 
-    f32 = mx.float32
-    args = [
-        mx.zeros((B, H, Dqk), dtype),
-        mx.zeros((B, H, Dqk), dtype),
-        mx.zeros((B, H, Dv), dtype),
-        mx.zeros((B, H), f32),
-        mx.zeros((B, H), f32),
-        mx.zeros((B, H, Dqk, Dv), f32),
-        mx.zeros((B, H, Dqk), f32),
-        mx.zeros((B, H), f32),
-    ]
-    return generated_metal_source(call, *args)
+    q, k, v = (mx.zeros((B, H, D), dtype) for D in (Dqk, Dqk, Dv))
+    i, log_f = mx.zeros((B, H)), mx.zeros((B, H))
+    return generated_metal_source(call, q, k, v, i, log_f, *_zero_state(B, H, Dqk, Dv))
 
 
 @pytest.mark.parametrize(
@@ -106,17 +102,9 @@ def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
         (C_in, n_in, m_in), (C, n, m) = chunk_states.launch(kernel, g, a_max, dC, dn, C, n, m, verbose=True)
         return C_in, n_in, m_in, C, n, m
 
-    f32 = mx.float32
-    args = [
-        mx.zeros((B, H, NC), f32),
-        mx.zeros((B, H, NC), f32),
-        mx.zeros((B, H, NC, Dqk, Dv), dtype),
-        mx.zeros((B, H, NC, Dqk), f32),
-        mx.zeros((B, H, Dqk, Dv), f32),
-        mx.zeros((B, H, Dqk), f32),
-        mx.zeros((B, H), f32),
-    ]
-    return generated_metal_source(call, *args)
+    g, a_max = mx.zeros((B, H, NC)), mx.zeros((B, H, NC))
+    dC, dn = mx.zeros((B, H, NC, Dqk, Dv), dtype), mx.zeros((B, H, NC, Dqk))
+    return generated_metal_source(call, g, a_max, dC, dn, *_zero_state(B, H, Dqk, Dv))
 
 
 @pytest.mark.parametrize(
