@@ -1,11 +1,17 @@
 """Side-by-side benchmark: mlx_lm_xlstm against transformers' xLSTM on the same shapes.
 
     python tools/bench.py --shape tiny            # CPU, seconds
-    python tools/bench.py --shape 7b --reference  # GPU: random 7B weights, bf16 + 8/4-bit decode
+    python tools/bench.py --shape 7b --reference peer,triton   # GPU: random 7B weights, bf16 + 8/4-bit decode
+    python tools/bench.py --shape 7b --reference peer --mlx-lm DIR/xlstm --json 7b.json
 
-Our side is the package's Model with random weights (no download). The reference side
-(transformers' xLSTMForCausalLM, native kernels, and NX-AI's mlstm_kernels Triton kernels
-where installed) runs only where torch sees a CUDA device. Numbers:
+Our side is the package's Model with random weights (no download). The reference side runs
+only where torch sees a CUDA device: "peer" is NX-AI's xLSTMLarge with Triton kernels,
+torch.compile and a CUDA graph per decode step (tools/bench_peer.py), "native"/"triton" are
+transformers' xLSTMForCausalLM with its own or mlstm_kernels' Triton kernels. With --mlx-lm
+FOLDER (a random-weight folder, tools/random_models.py), our side is also measured the way
+users run it: `mlx_lm benchmark` (-p 8192 -g 64, -p 512 -g 256, -b 16 -p 512 -g 128) and
+`batch_generate` on 16 ragged prompts; the JSON's `ratios` put those against the peer.
+Numbers:
   prefill tok/s   whole prompt, fed in mlx-lm's 2048-token steps, state evaluated
                   ("ops": MLX_XLSTM_KERNELS=0, the plain uncompiled cell; "one pass": the
                   whole prompt in one call, as the reference side runs it)
@@ -14,8 +20,9 @@ where installed) runs only where torch sees a CUDA device. Numbers:
   cell ms         the mLSTM cell alone over all layers for one 2048-token step, fused
                   chunk-state kernel and pure-MLX (compiled)
   step-loop tok/s the same prompt fed one token at a time (CPU shapes)
-  decode tok/s    greedy steps, all sequences together (batch x steps / time), eager and
-                  mx.compile'd, fused kernel on and off (MLX_XLSTM_KERNELS)
+  decode tok/s    greedy steps, all sequences together (batch x steps / time): "compiled"
+                  the model's own compiled decode step (what mlx-lm's loop gets), "eager"
+                  the same step uncompiled, "ops" MLX_XLSTM_KERNELS=0 (plain pure-MLX)
   floor tok/s     MLX's bare matvec pass: every Linear of the model applied to a batch of
                   random vectors, all evaluated together, no recurrence (the decode ceiling)
   peak GiB        mx.get_peak_memory() over that measurement
@@ -31,34 +38,24 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from mlx_lm_xlstm.large import Model, ModelArgs  # noqa: E402
-
-SHAPES = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=512),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=2048),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_heads=8, vocab_size=50304),
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from random_models import SHAPES, random_xlstm, xlstm_config  # noqa: E402
 PREFILL_STEP = 2048  # mlx-lm's default prefill_step_size
 GiB = 1024**3
 
 
 def build_model(shape, dtype, bits=None):
-    args = ModelArgs(model_type="xlstm", **SHAPES[shape])
-    model = Model(args)
-    # as mlx-lm's --dtype does: the gate projections stay fp32
-    keep = model.cast_predicate
-    model.update(tree_unflatten([(k, v.astype(dtype) if keep(k) else v) for k, v in tree_flatten(model.parameters())]))
+    """Random weights (the gate projections fp32, as mlx-lm's --dtype leaves them), quantized
+    by mlx-lm's own quantize_model (group 64) when bits is given."""
+    from mlx_lm.utils import quantize_model
+
+    config = xlstm_config(shape)
+    model = random_xlstm(config, dtype)
     if bits:
-        nn.quantize(
-            model,
-            group_size=64,
-            bits=bits,
-            class_predicate=lambda path, m: isinstance(m, (nn.Linear, nn.Embedding))
-            and m.weight.shape[-1] % 64 == 0,
-        )
+        model, _ = quantize_model(model, config, 64, bits)
     mx.eval(model.parameters())
     return model
 
@@ -132,8 +129,9 @@ def gemm_floor_tok_s(model, T):
 
 
 def cell_ms(model, T=PREFILL_STEP):
-    """The mLSTM cell alone, over all layers, for one T-token step at the model's shapes."""
-    from mlx_lm_xlstm import kernels
+    """The mLSTM cell alone, over all layers, for one T-token step at the model's shapes,
+    as `mlstm.mlstm_update` runs it (compiled; the chunk-state kernel where it applies)."""
+    from mlx_lm_xlstm import kernels, mlstm
 
     a = model.args
     H, dtype = a.num_heads, model.lm_head.weight.dtype
@@ -144,7 +142,9 @@ def cell_ms(model, T=PREFILL_STEP):
     log_f = nn.log_sigmoid(3 + mx.random.normal((1, H, T), key=keys[4]))
     state = (mx.zeros((1, H, a.qk_dim // H, a.v_dim // H)), mx.zeros((1, H, a.qk_dim // H)), mx.zeros((1, H)))
     mx.eval(q, k, v, i, log_f, state)
-    run = lambda: mx.eval([kernels.mlstm_chunkwise(q, k, v, i, log_f, *state, chunk_size=a.chunk_size) for _ in model.layers])
+    fused = kernels.chunk_states_kernel_applies(*state)
+    cell = mlstm._compiled_chunkwise_fused if fused else mlstm._compiled_chunkwise
+    run = lambda: mx.eval([cell(q, k, v, i, log_f, *state, chunk_size=a.chunk_size) for _ in model.layers])
     return 1e3 * timed(run)
 
 
@@ -161,49 +161,30 @@ def step_loop_tok_s(model, T):
     return T / timed(loop, repeat=1)
 
 
-def compiled_decoder(model):
-    """One greedy step as a pure function of (token, state), compiled."""
-
-    def step(y, states):
-        cache = model.make_cache()
-        for c, s in zip(cache, states):
-            c.cache = list(s)
-        logits = model(y, cache=cache)
-        return mx.argmax(logits[:, -1], axis=-1)[:, None], [c.cache for c in cache]
-
-    return mx.compile(step)
-
-
-def decode_tok_s(model, B, steps, compiled):
+def decode_tok_s(model, B, steps, mode):
+    """Greedy decode, all sequences together. mode "compiled": the model's own call as
+    mlx-lm's loop makes it (its compiled decode step, recurrent.CompiledDecode); "eager":
+    the same step uncompiled (model.forward); "ops": MLX_XLSTM_KERNELS=0 (set by the caller)."""
     prompt = tokens(B, 8, model.args.vocab_size, seed=B)
     logits, cache = prefill(model, prompt)
     y = mx.argmax(logits[:, -1], axis=-1)[:, None]
-    if compiled:
-        decoder = compiled_decoder(model)
-        state = [c.cache for c in cache]
-
-        def run(n):
-            nonlocal y, state
-            for _ in range(n):
-                y, state = decoder(y, state)
-                mx.async_eval(y, state)
-            mx.eval(y, state)
-
+    if mode == "eager":
+        step = lambda y: model.forward(y, None, cache, fresh=False)
     else:
+        step = lambda y: model(y, cache=cache)
 
-        def run(n):
-            nonlocal y
-            for _ in range(n):
-                y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
-                mx.async_eval(y)
-            mx.eval(y, [c.cache for c in cache])
+    def run(n):
+        nonlocal y
+        for _ in range(n):
+            y = mx.argmax(step(y)[:, -1], axis=-1)[:, None]
+            mx.async_eval(y)
+        mx.eval(y, [c.cache for c in cache])
 
     run(3)
     t = time.perf_counter()
     run(steps)
     elapsed = time.perf_counter() - t
-    finite = mx.all(mx.isfinite(cache[0][0])).item() if not compiled else mx.all(mx.isfinite(state[0][0])).item()
-    return B * steps / elapsed, finite
+    return B * steps / elapsed, mx.all(mx.isfinite(cache[0][0])).item()
 
 
 def matvec_floor_tok_s(model, B):
@@ -309,6 +290,78 @@ def reference_rows(shape, lengths, batches, steps, wanted):
     return rows
 
 
+def peer_row(shape, lengths, batches):
+    """NX-AI's xLSTMLarge, compiled, CUDA graph per decode step (tools/bench_peer.py)."""
+    try:
+        import torch
+        from bench_peer import peer_rows
+    except ImportError as e:
+        return emit(dict(system="peer", note=f"not installed: {e}"))
+    if not torch.cuda.is_available():
+        return emit(dict(system="peer", note="no CUDA device for torch"))
+    try:
+        row = peer_rows(shape, lengths, batches)
+    except ImportError as e:  # xlstm / mlstm_kernels missing
+        row = dict(system="peer", note=f"not installed: {e}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return emit(row)
+
+
+# ---- our side through mlx-lm's own tools --------------------------------------------------
+
+# label -> `mlx_lm benchmark` arguments (issue 14's three axes)
+MLX_LM_BENCHMARKS = {
+    "prefill 8192": ["-p", "8192", "-g", "64"],
+    "decode B=1": ["-p", "512", "-g", "256"],
+    "decode B=16": ["-b", "16", "-p", "512", "-g", "128"],
+}
+
+
+def mlx_lm_benchmark(folder, args, trials):
+    """`mlx_lm benchmark` in its own process; its 'Averages' line as numbers."""
+    import subprocess
+
+    from bench_startup import ENV, RUN_CLI
+
+    cmd = [sys.executable, "-c", RUN_CLI, "benchmark", "--model", str(folder), *args, "-n", str(trials)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("Averages:")), None)
+    if proc.returncode or line is None:
+        return {"failed": (proc.stdout + proc.stderr)[-600:]}
+    return {k: float(v) for k, v in (kv.split("=") for kv in line[len("Averages:"):].replace(" ", "").split(","))}
+
+
+def mlx_lm_rows(folder, trials=3):
+    row = dict(system="mlx_lm_xlstm through mlx-lm's tools", folder=str(folder))
+    for label, args in MLX_LM_BENCHMARKS.items():
+        row[f"mlx_lm benchmark {' '.join(args)}"] = mlx_lm_benchmark(folder, args, trials)
+        print(f"  mlx_lm benchmark {' '.join(args)}: {row[f'mlx_lm benchmark {chr(32).join(args)}']}", flush=True)
+    row.update(batch_generate_rows(folder))
+    return emit(row)
+
+
+def batch_generate_rows(folder, n=16):
+    """mlx-lm's batch_generate on 16 ragged prompts (300-675 tokens), 128 tokens each; the
+    second call is the warm one."""
+    from mlx_lm import batch_generate, load
+
+    model, tokenizer = load(str(folder))
+    tokenizer._eos_token_ids = set()  # as mlx_lm benchmark does: no early stop
+    lengths = [300 + (375 * j) // (n - 1) for j in range(n)]
+    prompts = [tokens(1, T, 2048, seed=T)[0].tolist() for T in lengths]
+    out = {}
+    for call in ("first", "warm"):
+        start = time.perf_counter()
+        stats = batch_generate(model, tokenizer, prompts, max_tokens=128).stats
+        out[f"batch_generate 16 ragged {call}"] = dict(
+            generation_tps=stats.generation_tps, prompt_tps=stats.prompt_tps, wall_s=time.perf_counter() - start
+        )
+    del model
+    gc.collect()
+    return out
+
+
 # ---- our side ------------------------------------------------------------------------------
 
 
@@ -344,16 +397,15 @@ def add_decode(row, model, batches, steps):
     for B in batches:
         floor = matvec_floor_tok_s(model, B)
         row[f"floor B={B}"] = floor
-        for compiled in (False, True):
-            for kernel in (True, False):
-                label = f"decode B={B}{' compiled' if compiled else ''}{'' if kernel else ' ops'}"
-                (tok_s, finite), peak = with_peak(
-                    lambda: with_kernels(kernel, lambda: decode_tok_s(model, B, steps, compiled))
-                )
-                row[label] = tok_s
-                row[f"{label} / floor"] = tok_s / floor
-                row[f"peak GiB {label}"] = peak
-                assert finite, f"non-finite state in {label}"
+        for mode, label in (("compiled", "compiled"), ("eager", "eager"), ("ops", "ops")):
+            label = f"decode B={B} {label}"
+            (tok_s, finite), peak = with_peak(
+                lambda: with_kernels(mode != "ops", lambda: decode_tok_s(model, B, steps, mode))
+            )
+            row[label] = tok_s
+            row[f"{label} / floor"] = tok_s / floor
+            row[f"peak GiB {label}"] = peak
+            assert finite, f"non-finite state in {label}"
 
 
 def long_prompt_rows(model, lengths):
@@ -382,8 +434,35 @@ def ratios(rows, lengths):
         for key, theirs in ref.items():
             if key.startswith("decode B=") and isinstance(theirs, float):
                 row[f"{key} compiled / {ref['system']}"] = ours[f"{key} compiled"] / theirs
+    peer = next((r for r in rows if r["system"].startswith("peer:")), None)
+    if peer:
+        for T in lengths:
+            if f"prefill {T} compiled" in peer:
+                for label in (f"prefill {T}", f"prefill {T} one pass"):
+                    row[f"{label} / peer compiled"] = ours[label] / peer[f"prefill {T} compiled"]
+        for key, theirs in peer.items():
+            if key.startswith("decode B=") and f"{key} compiled" in ours:
+                row[f"{key} compiled / peer"] = ours[f"{key} compiled"] / theirs
     if len(row) > 1:
         rows.append(emit(row))
+
+
+def issue_ratios(rows, server=None):
+    """Ours through mlx-lm's tools / the peer, same run (issue 14's `ratios`)."""
+    peer = next((r for r in rows if r["system"].startswith("peer:")), None)
+    tools = next((r for r in rows if r["system"].startswith("mlx_lm_xlstm through")), None)
+    if not (peer and tools):
+        return {}
+    bench = lambda label: tools[f"mlx_lm benchmark {' '.join(MLX_LM_BENCHMARKS[label])}"]
+    out = {
+        "prefill_8192_vs_peer": bench("prefill 8192").get("prompt_tps", 0) / peer["prefill 8192 compiled"],
+        "decode_b1_vs_peer": bench("decode B=1").get("generation_tps", 0) / peer["decode B=1"],
+        "decode_b16_batch_generator_vs_peer": bench("decode B=16").get("generation_tps", 0) / peer["decode B=16"],
+        "batch_generate_16_ragged_vs_peer": tools["batch_generate 16 ragged warm"]["generation_tps"] / peer["decode B=16"],
+    }
+    if server:
+        out["server16_vs_peer"] = server["warm"]["aggregate_tok_s"] / peer["decode B=16"]
+    return out
 
 
 def emit(row):
@@ -408,7 +487,9 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="decode steps timed")
     p.add_argument("--quant", default=None, help="bits for quantized decode, e.g. 8,4")
     p.add_argument("--long", default="", help="long-prompt lengths for the state/NaN check")
-    p.add_argument("--reference", default="", help="transformers backends to run too (CUDA): native,triton")
+    p.add_argument("--reference", default="", help="reference systems to run too (CUDA): peer,native,triton")
+    p.add_argument("--mlx-lm", default=None, help="a model folder to measure through mlx-lm's own tools")
+    p.add_argument("--server-json", default=None, help="tools/bench_startup.py's JSON: its xLSTM server rows")
     p.add_argument("--json", default=None, help="write all numbers here")
     a = p.parse_args()
 
@@ -431,7 +512,10 @@ def main():
         fused_step_kernel=step.kernel is not None,
     )
     print(json.dumps(info), flush=True)
-    rows = reference_rows(a.shape, lengths, batches, steps, a.reference.split(",")) if a.reference else []
+    wanted = a.reference.split(",") if a.reference else []
+    rows = [peer_row(a.shape, lengths, batches)] if "peer" in wanted else []
+    transformers_backends = [w for w in wanted if w != "peer"]
+    rows += reference_rows(a.shape, lengths, batches, steps, transformers_backends) if transformers_backends else []
     ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
     rows = ours + rows
     ratios(rows, lengths)
@@ -440,9 +524,20 @@ def main():
         gc.collect()
         model = build_model(a.shape, dtype)
         rows.append(emit(long_prompt_rows(model, [int(x) for x in a.long.split(",")])))
+    if a.mlx_lm:
+        del model
+        gc.collect()
+        model = None
+        rows.append(mlx_lm_rows(a.mlx_lm))
+    server = None
+    if a.server_json:
+        server = json.load(open(a.server_json))["models"]["xlstm"].get("server")
+        rows.append(emit(dict(system="mlx_lm server, 16 concurrent streaming requests (tools/bench_startup.py)", **(server or {}))))
+    result = dict(info=info, rows=rows, ratios=issue_ratios(rows, server))
+    print(json.dumps(result["ratios"], indent=1))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
+            json.dump(result, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
