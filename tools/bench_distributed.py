@@ -42,13 +42,13 @@ def make_model(
     path, shape: dict, dtype="bfloat16", q_bits=None, q_group_size=None, seed=0, tokenizer_from=None
 ):
     """A loadable folder with random weights: config.json in transformers' names,
-    safetensors (+ index) written by mlx-lm, the fixtures' byte-level tokenizer
+    safetensors (+ index) written by mlx-lm, random_models' byte-level tokenizer
     (copied from the folder `tokenizer_from` if given)."""
     from mlx.utils import tree_map_with_path
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import fixtures
+    import random_models
     from mlx_lm_xlstm import large
     from mlx_lm_xlstm.convert import atomic_folder
 
@@ -85,7 +85,7 @@ def make_model(
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(Path(tokenizer_from) / name, tmp / name)
         else:
-            fixtures.build_tokenizer(tmp, TOKENIZER_VOCAB)
+            random_models.tokenizer(TOKENIZER_VOCAB).save_pretrained(tmp)
     return path
 
 
