@@ -156,13 +156,20 @@ class mLSTMLayer(nn.Module):
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         i = soft_cap(self.igate_preact(x), self.gate_soft_cap)
         f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)
+        self.cache_slots.keep(cache, q=q, k=k, v=v, i=i, f=f, mask=mask)
+        h = self.replay(cache, q, k, v, i, f, mask)
+        h = self.multihead_norm(h).astype(x.dtype)
+        return self.out_proj(mx.sigmoid(self.ogate_preact(x)) * h)
+
+    def replay(self, cache, q, k, v, i, f, mask=None):
+        """The cell on these inputs from the state in `cache`, which it updates; a trim
+        re-runs it on the tokens it keeps."""
         h, (C, n, m) = mlstm_update(
             q, k, v, i, f, self.cache_slots.read(cache, "C", "n", "m"), mask,
             chunk_size=self.chunk_size, max_piece=self.max_piece, eps=self.eps,
         )
         self.cache_slots.write(cache, C=C, n=n, m=m)
-        h = self.multihead_norm(h).astype(x.dtype)
-        return self.out_proj(mx.sigmoid(self.ogate_preact(x)) * h)
+        return h
 
     def shard(self, group: mx.distributed.Group):
         """Tensor parallel: this rank's heads (their q, k, v, output-gate, input- and
@@ -264,7 +271,7 @@ class Model(RecurrentModel):
         return self.backbone
 
     def make_cache(self):
-        return [block.mlstm_layer.cache_slots.make_cache() for block in self.layers]
+        return [block.mlstm_layer.cache_slots.make_cache(block.mlstm_layer.replay) for block in self.layers]
 
     def check_cache(self, cache: list):
         super().check_cache(cache)

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
+from .cache import StepInputs, keep_inputs
 from .mlstm import fast_path_enabled
 
 
@@ -35,18 +36,21 @@ class CompiledDecode:
         if self.fn is None:
             self.fn = mx.compile(functools.partial(forward_states, model), inputs=model.state)
         states = [c.cache for c in cache]
-        logits, states = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)
-        for c, state in zip(cache, states):
+        logits, states, kept = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)
+        for c, state, inputs in zip(cache, states, kept):
             c.cache = state
+            keep_inputs(c, inputs)
         return logits
 
 
 def forward_states(model, inputs: mx.array, states: list, mask: Optional[mx.array] = None):
-    """One forward on a non-empty state as a pure function: (logits, new states)."""
-    cache = [ArraysCache(size=len(state)) for state in states]
+    """One forward on a non-empty state as a pure function: (logits, new states, each
+    layer's recurrence inputs, which a cache that can be trimmed keeps)."""
+    cache = [StepInputs(size=len(state)) for state in states]
     for c, state in zip(cache, states):
         c.cache = list(state)
-    return model.forward(inputs, mask, cache, fresh=False), [c.cache for c in cache]
+    logits = model.forward(inputs, mask, cache, fresh=False)
+    return logits, [c.cache for c in cache], [c.kept for c in cache]
 
 
 class RecurrentModel(nn.Module):

@@ -143,7 +143,7 @@ def test_cache_layout_and_advance():
     model = load(pf.FIXTURES / "paper_mixed")
     cache = model.make_cache()
     assert len(cache) == len(model.layers) == 3
-    assert all(type(c) is ArraysCache for c in cache)
+    assert all(isinstance(c, ArraysCache) for c in cache)  # UndoableCache: trimmable for speculative decoding
     assert [len(c.cache) for c in cache] == [4, 5, 4]  # mLSTM: conv, C, n, m; sLSTM: conv, y, c, n, m
     for c in cache:
         c.prepare(lengths=[3, 1])

@@ -85,10 +85,18 @@ class mLSTMLayer(nn.Module):
         x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
         x_conv = nn.silu(x_conv)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
+        self.cache_slots.keep(cache, conv_in=conv_in, q=q, k=k, v=v, mask=mask)
         h, (C, n, m) = self.mlstm_cell(q, k, v, mask, self.cache_slots.read(cache, "C", "n", "m"))
         self.cache_slots.write(cache, conv=conv_state, C=C, n=n, m=m)
         h = h.astype(x.dtype) + self.learnable_skip * x_conv
         return self.dropout(self.proj_down(h * nn.silu(z)))
+
+    def replay(self, cache, conv_in, q, k, v, mask=None):
+        """The convolution's and the cell's state after these kept inputs, from those in
+        `cache` (a trim re-runs the tokens it keeps)."""
+        _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"))
+        _, (C, n, m) = self.mlstm_cell(q, k, v, mask, self.cache_slots.read(cache, "C", "n", "m"))
+        self.cache_slots.write(cache, conv=conv_state, C=C, n=n, m=m)
 
     def shard(self, group: mx.distributed.Group):
         """This rank's heads: its slice of both up-projection halves, conv channels, q/k/v

@@ -116,7 +116,7 @@ class sLSTMLayer(nn.Module):
         if self.group is not None:
             x = local_channels(x, self.group)
         B, T, _ = x.shape
-        x_conv = x
+        x_conv, conv_in = x, None
         if "conv1d" in self:
             conv_in = x if mask is None else mx.where(mask[..., None], x, 0)
             lengths = cache.lengths if cache is not None else None
@@ -127,10 +127,20 @@ class sLSTMLayer(nn.Module):
         heads = lambda g: g.reshape(B, T, self.num_heads, 1, -1)
         gates = (self.fgate(x_conv), self.igate(x_conv), self.zgate(x), self.ogate(x))
         wx = mx.concatenate([heads(g) for g in gates], axis=3)
+        self.cache_slots.keep(cache, wx=wx, conv_in=conv_in, mask=mask)
         y, (y_last, c, n, m) = self.slstm_cell(wx, mask, self.cache_slots.read(cache, "y", "c", "n", "m"))
         self.cache_slots.write(cache, y=y_last, c=c, n=n, m=m)
         y = self.group_norm(self.dropout(y)).astype(x.dtype)
         return y if self.group is None else gather_channels(y, self.group)
+
+    def replay(self, cache, wx, conv_in=None, mask=None):
+        """The convolution's and the cell's state after these kept inputs, from those in
+        `cache` (a trim re-runs the tokens it keeps)."""
+        if conv_in is not None:
+            _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"))
+            self.cache_slots.write(cache, conv=conv_state)
+        _, (y, c, n, m) = self.slstm_cell(wx, mask, self.cache_slots.read(cache, "y", "c", "n", "m"))
+        self.cache_slots.write(cache, y=y, c=c, n=n, m=m)
 
     def shard(self, group: mx.distributed.Group):
         """This rank's heads on their channels of the replicated input; outputs gathered."""
