@@ -108,7 +108,7 @@ class CausalConv1d(nn.Module):
 _ACTIVATIONS = {
     "gelu": nn.gelu,
     "relu": nn.relu,
-    "relu^2": lambda x: mx.square(nn.relu(x)),
+    "relu^2": nn.relu2,
     "sigmoid": mx.sigmoid,
     "swish": nn.silu,
     "selu": nn.selu,
