@@ -13,7 +13,7 @@ import pytest
 
 from mlx_lm_xlstm import kernels
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, step
+from mlx_lm_xlstm.kernels import chunk_states, cuda, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 ON_GPU = step.kernel is not None
@@ -235,40 +235,20 @@ def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in
         assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
 
 
-# ---- the CUDA source, as MLX wraps it, through nvcc (where nvcc is installed) ------------
-
-CUDA_TYPES = {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"}
-
+# ---- the CUDA units kernels/cuda.py compiles, through nvcc / NVRTC (where installed) -----
 
 def cuda_source(dtype, Dqk, Dv, body=None):
-    """The translation unit MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp),
-    with the public CUDA headers standing in for MLX's own device utils."""
-    body = step.source(CUDA) if body is None else body
-    t = CUDA_TYPES[dtype]
-    in_types = [t, t, t] + ["float"] * 6
-    params = [f"    const {ty}* {name}" for ty, name in zip(in_types, step.INPUTS)]
-    params += [f"    float* {name}" for name in step.OUTPUTS]
-    return _translation_unit("mlstm_step", params, f"constexpr int DQK = {Dqk}; constexpr int DV = {Dv};", body)
+    """The translation unit the CUDA step kernel compiles (kernels/cuda.py)."""
+    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body)
+    return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv)])[1]
 
 
-def cuda_chunk_states_source(dtype, NC, Dqk, Dv, body=None):
+def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
+    """The chunk-state kernel's unit: the chunk count is a launch argument, not compiled in."""
     body = chunk_states.source(CUDA) if body is None else body
-    t = CUDA_TYPES[dtype]
-    in_types = ["float", "float", t] + ["float"] * 4
-    params = [f"    const {ty}* {name}" for ty, name in zip(in_types, chunk_states.INPUTS)]
-    params += [f"    {ty}* {name}" for ty, name in zip([t] + ["float"] * 5, chunk_states.OUTPUTS)]
-    constants = f"using T = {t}; constexpr int NC = {NC}; constexpr int DQK = {Dqk}; constexpr int DV = {Dv};"
-    return _translation_unit("mlstm_chunk_states", params, constants, body)
-
-
-def _translation_unit(name, params, constants, body):
-    return (
-        "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cooperative_groups.h>\n"
-        "#define inf cuda::std::numeric_limits<float>::infinity()\n"
-        "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        f"__global__ void custom_kernel_{name}(\n" + ",\n".join(params) + ") {\n"
-        f"  {constants}\n{body}\n}}\n}}\n"
-    )
+    kernel = cuda.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=["NC"])
+    inputs = [mx.float32, mx.float32, dtype] + [mx.float32] * 4
+    return kernel.source(inputs, [dtype] + [mx.float32] * 5, [("T", dtype), ("DQK", Dqk), ("DV", Dv)])[1]
 
 
 def nvcc(source):
@@ -286,6 +266,24 @@ def nvcc(source):
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 
 
+def _nvrtc():
+    try:
+        return cuda.NVRTC()
+    except RuntimeError:
+        return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="libnvrtc not found")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
+    nvrtc = _nvrtc()
+    for unit in (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512)):
+        assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
+    broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;"))
+    with pytest.raises(RuntimeError, match="c_new"):
+        nvrtc.compile(broken, "unit", "sm_90", binary=True)
+
+
 @needs_nvcc
 def test_cuda_step_source_compiles():
     result = nvcc(cuda_source(mx.bfloat16, 256, 512))
@@ -297,7 +295,7 @@ def test_cuda_step_source_compiles():
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_chunk_states_source_compiles(dtype):
-    result = nvcc(cuda_chunk_states_source(dtype, 32, 256, 512))
+    result = nvcc(cuda_chunk_states_source(dtype, 256, 512))
     assert result.returncode == 0, result.stderr
 
 

@@ -7,16 +7,21 @@
 `mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes. A kernel applies when
   - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
-  - it matched the reference on a small random input the first time it was asked for.
+  - it matched the reference on a small random input the first time it was asked for
+    (on this machine with this MLX: a pass is remembered in MLX_XLSTM_CACHE_DIR).
+On CUDA the kernels are compiled once per machine and kept there too (`cuda.py`).
 Each kernel has the reference's VJP (`mx.custom_function`), so training through it is exact.
 """
 
 import functools
+import hashlib
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 
 from . import chunk_states as _chunk_states
+from . import cuda as _cuda
 from . import step as _step
 
 __all__ = ["mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies"]
@@ -137,9 +142,29 @@ def _chunk_states_match_ops() -> bool:
 _CHECKS = {"step": _step_matches_ops, "chunk_states": _chunk_states_match_ops}
 
 
+_MODULES = {"step": _step, "chunk_states": _chunk_states}
+
+
+def _verdict_file(name: str):
+    """Where a passed first-use check of this machine's own kernel is remembered: keyed by
+    the kernel's module source, the GPU and the MLX version (a new one checks again)."""
+    module = _MODULES[name]
+    if module.kernel is not module.BUILT:  # a kernel a test stands in is always checked
+        return None
+    info = mx.device_info()
+    device = [str(info.get(k)) for k in ("device_name", "architecture", "compute_capability_major", "compute_capability_minor")]
+    text = Path(module.__file__).read_text() + _cuda.PRELUDE + "|".join(device)
+    return _cuda.cache_dir() / "checks" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
 def _kernel_ok(name: str) -> bool:
-    """Run the kernel's first-use comparison once; on a mismatch or failure, warn and say no."""
+    """Run the kernel's first-use comparison once per machine (a pass is remembered on disk,
+    so later processes skip it); on a mismatch or failure, warn and say no."""
     if _verified[name] is None:
+        verdict = _verdict_file(name)
+        if verdict is not None and verdict.exists():
+            _verified[name] = True
+            return True
         try:
             ok = _CHECKS[name]()
             reason = "its output differs from the pure-MLX path"
@@ -150,6 +175,12 @@ def _kernel_ok(name: str) -> bool:
                 f"mlx_lm_xlstm: the fused mLSTM {name} kernel is disabled because {reason}; "
                 "using the pure-MLX path (set MLX_XLSTM_KERNELS=0 to silence this)."
             )
+        elif verdict is not None:
+            try:
+                verdict.parent.mkdir(parents=True, exist_ok=True)
+                verdict.touch()
+            except OSError:  # a read-only home: check again next time
+                pass
         _verified[name] = ok
     return _verified[name]
 

@@ -11,10 +11,13 @@ Work split: one thread per element of a head's [C | n] (Dqk * Dv + Dqk values), 
 row per (sequence, head); each thread walks the chunks in order. The stabiliser is a
 scalar recurrence that every thread recomputes (two loads per chunk, shared by the whole
 head, so cached). Consecutive threads touch consecutive elements: coalesced.
+The chunk count NC is a launch argument on CUDA (one binary for every prompt length) and a
+template constant on Metal.
 """
 
 import mlx.core as mx
 
+from . import cuda
 from .spelling import CUDA, METAL, spell
 
 THREADS = 256
@@ -74,11 +77,12 @@ def _build():
     if mx.metal.is_available():
         return mx.fast.metal_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(METAL))
     if mx.cuda.is_available():
-        return mx.fast.cuda_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA))
+        return cuda.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA), runtime=["NC"])
     return None
 
 
-kernel = _build()
+# The kernel built for this machine; `kernel` is what runs (tests stand another one in).
+BUILT = kernel = _build()
 
 
 def launch(kernel, g, a_max, dC, dn, C, n, m, verbose=False):
