@@ -20,7 +20,6 @@ Rank 0 writes the JSON.
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -28,65 +27,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-SHAPES = {
-    # xLSTM-7b (NX-AI/xLSTM-7b config.json); the rest are ModelArgs defaults.
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_heads=8, vocab_size=50304),
-    # Enough heads and width for 2 ranks, and groups of 32 that split: v_dim 64 -> 2,
-    # FFN 192 -> 6.
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, vocab_size=320, chunk_size=16),
-}
-TOKENIZER_VOCAB = 320
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_models import SHAPES, write_xlstm  # noqa: E402
 
 
-def make_model(
-    path, shape: dict, dtype="bfloat16", q_bits=None, q_group_size=None, seed=0, tokenizer_from=None
-):
-    """A loadable folder with random weights: config.json in transformers' names,
-    safetensors (+ index) written by mlx-lm, random_models' byte-level tokenizer
-    (copied from the folder `tokenizer_from` if given)."""
-    from mlx.utils import tree_map_with_path
-    from mlx_lm.utils import quantize_model, save_config, save_model
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import random_models
-    from mlx_lm_xlstm import large
-    from mlx_lm_xlstm.convert import atomic_folder
-
-    path = Path(path)
-    config = {
-        "model_type": "xlstm", "architectures": ["xLSTMForCausalLM"], "ffn_round_up_to_multiple_of": 64,
-        "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 0, "force_bos_token_insert": True, **shape,
-    }
-    model = large.Model(large.ModelArgs.from_dict(dict(config)))
-    mx.random.seed(seed)
-    keep_fp32 = model.cast_predicate
-    target = getattr(mx, dtype)
-
-    def init(name, p):
-        if "norm" in name:
-            w = 1.0 + 0.1 * mx.random.normal(p.shape)
-        elif name.endswith("fgate_preact.bias"):
-            w = 3.0 + mx.random.normal(p.shape)  # forget gates mostly open: long memory
-        elif name.endswith("bias"):
-            w = 0.1 * mx.random.normal(p.shape)
-        elif "embeddings" in name:
-            w = mx.random.normal(p.shape)
-        else:
-            w = mx.random.normal(p.shape) * p.shape[-1] ** -0.5
-        return w.astype(target if keep_fp32(name) else mx.float32)
-
-    model.update(tree_map_with_path(init, model.parameters()))
-    if q_bits:
-        model, config = quantize_model(model, config, q_group_size, q_bits)
-    with atomic_folder(path, overwrite=True) as tmp:
-        save_model(tmp, model, donate_model=True)
-        save_config(config, tmp / "config.json")
-        if tokenizer_from:
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(Path(tokenizer_from) / name, tmp / name)
-        else:
-            random_models.tokenizer(TOKENIZER_VOCAB).save_pretrained(tmp)
-    return path
+def make_model(path, shape: str, dtype="bfloat16", q_bits=None, q_group_size=None):
+    """A loadable random-weight folder (tools/random_models.py: the real config.json for 7b,
+    transformers' tensor names, mlx-lm's quantize_model for q_bits)."""
+    return write_xlstm(path, shape, dtype, q_bits=q_bits, q_group_size=q_group_size)
 
 
 def load_case(path: str, mode: str, group):
@@ -213,7 +161,7 @@ def main():
     args = parser.parse_args()
 
     if args.command == "make":
-        make_model(args.dir, SHAPES[args.shape], args.dtype, args.q_bits, args.q_group_size)
+        make_model(args.dir, args.shape, args.dtype, args.q_bits, args.q_group_size)
     elif args.command == "run":
         result = run_cases(args.case, args.prompt_tokens, args.max_tokens, args.warmup)
         if mx.distributed.init().rank() == 0:
@@ -228,7 +176,7 @@ def main():
 def run_all(args):
     folder = Path(args.dir)
     if not (folder / "config.json").exists():
-        make_model(folder, SHAPES[args.shape], args.dtype)
+        make_model(folder, args.shape, args.dtype)
     tool = str(Path(__file__).resolve())
     common = [
         "run", "--case", f"{folder}:{args.mode}", "--prompt-tokens", str(args.prompt_tokens),
