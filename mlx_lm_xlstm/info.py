@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.convert import MODEL_CONVERSION_DTYPES as DTYPES
+from mlx_lm.models.cache import ArraysCache
 from mlx_lm.utils import quantize_model
 
 from . import xlstm
@@ -83,14 +84,15 @@ def block_kinds(model) -> list:
 
 def state_blocks(model) -> list:
     """Per kind of block, how many there are and the cache arrays one sequence carries in each
-    (from one lazy decode step)."""
+    (from one lazy decode step). The state alone: ArraysCache's nbytes, not an UndoableCache's,
+    which adds the undo window of speculative decoding."""
     cache = model.make_cache()
     model(mx.zeros((1, 1), mx.int32), cache)
     groups = {}
     for kind, c in zip(block_kinds(model), cache):
         arrays = [dict(shape=list(a.shape), dtype=dtype_name(a.dtype), bytes=a.nbytes)
                   for a in c.cache if a is not None]
-        group = groups.setdefault(kind, dict(kind=kind, count=0, bytes=c.nbytes, arrays=arrays))
+        group = groups.setdefault(kind, dict(kind=kind, count=0, bytes=ArraysCache.nbytes.fget(c), arrays=arrays))
         group["count"] += 1
     return list(groups.values())
 
