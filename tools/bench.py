@@ -516,9 +516,16 @@ def main():
     rows = [peer_row(a.shape, lengths, batches)] if "peer" in wanted else []
     transformers_backends = [w for w in wanted if w != "peer"]
     rows += reference_rows(a.shape, lengths, batches, steps, transformers_backends) if transformers_backends else []
+    def save(rows):  # after each stage, so that a run cut short keeps what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
+
+    save(rows)
     ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
     rows = ours + rows
     ratios(rows, lengths)
+    save(rows)
     if a.long:
         del model
         gc.collect()
@@ -529,6 +536,7 @@ def main():
         gc.collect()
         model = None
         rows.append(mlx_lm_rows(a.mlx_lm))
+        save(rows)
     server = None
     if a.server_json:
         server = json.load(open(a.server_json))["models"]["xlstm"].get("server")

@@ -225,7 +225,10 @@ def concurrent_round(url, prompts, max_tokens) -> dict:
     results = [None] * len(prompts)
 
     def one(j):
-        results[j] = stream_request(url, prompts[j], max_tokens)
+        try:
+            results[j] = stream_request(url, prompts[j], max_tokens)
+        except Exception as e:  # counted, not fatal: the round reports how many failed
+            results[j] = {"error": repr(e)[:300], "completion_tokens": 0, "ttft_s": None}
 
     start = time.perf_counter()
     threads = [threading.Thread(target=one, args=(j,)) for j in range(len(prompts))]
@@ -235,9 +238,10 @@ def concurrent_round(url, prompts, max_tokens) -> dict:
         t.join()
     wall = time.perf_counter() - start
     total = sum(r["completion_tokens"] for r in results)
+    ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None] or [float("nan")]
     return {"requests": len(prompts), "wall_s": wall, "completion_tokens": total, "aggregate_tok_s": total / wall,
-            "ttft_s_median": statistics.median(r["ttft_s"] for r in results),
-            "ttft_s_max": max(r["ttft_s"] for r in results)}
+            "ttft_s_median": statistics.median(ttfts), "ttft_s_max": max(ttfts),
+            "errors": [r["error"] for r in results if "error" in r]}
 
 
 def server_rows(folder: Path, name: str, caches: Path, args) -> dict:
@@ -274,7 +278,7 @@ def server_rows(folder: Path, name: str, caches: Path, args) -> dict:
         out["one_by_one"] = {
             "requests": len(one_by_one),
             "tok_s": sum(r["completion_tokens"] for r in one_by_one) / sum(r["total_s"] for r in one_by_one),
-            "decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in one_by_one if r["decode_tok_s"]),
+            "decode_tok_s_median": statistics.median([r["decode_tok_s"] for r in one_by_one if r["decode_tok_s"]] or [float("nan")]),
             "ttft_s": [r["ttft_s"] for r in one_by_one],
         }
         print(f"  server {name} one by one: {out['one_by_one']['tok_s']:.1f} tok/s", flush=True)
@@ -288,7 +292,8 @@ def server_rows(folder: Path, name: str, caches: Path, args) -> dict:
 # ---- all of it ------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """All rows; `save(result)` after each model's, so that a run cut short keeps what it measured."""
     import random_models
 
     work = Path(args.dir)
@@ -307,6 +312,7 @@ def run(args) -> dict:
             print(f"server {name}", flush=True)
             rows["server"] = server_rows(folder, name, caches, args)
         result["models"][name] = rows
+        save(result)
     result["ratios"] = ratios(result["models"])
     return result
 
@@ -352,10 +358,10 @@ def main():
         return
     if a.dir is None:
         p.error("--dir is required")
-    result = run(a)
+    save = lambda result: a.json and Path(a.json).write_text(json.dumps(result, indent=1, default=str))
+    result = run(a, save)
+    save(result)
     print(json.dumps(result["ratios"], indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1, default=str))
 
 
 if __name__ == "__main__":
