@@ -3,6 +3,7 @@
 Per head the state is C (Dqk, Dv), n (Dqk) and the stabiliser m (scalar), always fp32.
 Gates, decays and the state are fp32; the chunkwise form's matmuls take bf16 inputs for a
 bf16 model (fp32 accumulation, as NX-AI's TFLA kernels do): tensor cores make prefill fast.
+Calls of at most FP32_CALL tokens (speculative verify calls) run in fp32, as the step does.
 Inside the cell the gates are `i` (the input-gate pre-activation) and `log_f` (logsigmoid of
 the forget-gate pre-activation). A masked step carries `i = MASKED_I` and `log_f = 0`: it
 leaves the state unchanged.
@@ -24,6 +25,8 @@ from . import kernels
 MASKED_I = -1e30
 # The shortest piece the chunkwise form runs: shorter prompts are padded up to it.
 MIN_PIECE = 8
+# Calls of at most this many tokens run the chunkwise cell in fp32 even for a bf16 model.
+FP32_CALL = 64
 
 
 class GateProjection(nn.Module):
@@ -238,6 +241,10 @@ def mlstm_update(
     if T == 1:
         h, state = _step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], state, eps)
         return h[:, None], state
+    if T <= FP32_CALL:
+        # As the step does: a speculative verify call then scores its tokens as decoding
+        # them one by one would (bf16 matmuls flip near-tied greedy picks); it pays on prompts.
+        q, k, v = (x.astype(mx.float32) for x in (q, k, v))
 
     hs, start = [], 0
     for n, padded in _pieces(T, chunk_size, max_piece):
