@@ -128,7 +128,7 @@ class UndoableCache(ArraysCache):
             return
         self._fresh = False
         batch_padded = self.lengths is not None or self.left_padding is not None
-        if kept is None or before is None or batch_padded:
+        if kept is None or batch_padded:
             self._close()
             self._offer = True  # nothing here to undo: a trim of n > 0 refuses
         elif N > 1:
