@@ -363,3 +363,20 @@ def test_server_answers_prefix_sharing_requests_as_fresh_runs(model_folder, draf
                 if seed is not None:
                     body["seed"] = seed
                 assert post(url, "/v1/completions", body)["choices"][0]["text"] == expected, (prompt, seed)
+
+
+def test_sampled_tokens_come_from_the_state_of_the_whole_sequence(demo, draft):
+    """With sampling, mlx-lm keeps a draft token when the target samples the same one; every
+    token's distribution must be the target's after exactly the tokens before it."""
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = demo
+    prompt = tokenizer.encode(PROMPT)
+    mx.random.seed(7)
+    steps = speculative_generate_step(mx.array(prompt), model, draft, num_draft_tokens=3, max_tokens=24,
+                                      sampler=make_sampler(temp=1.0))
+    tokens, logprobs, flags = zip(*steps)
+    assert some_draft_rejected(flags, 3) and any(flags)
+    fresh = model(mx.array([prompt + list(tokens[:-1])]))[0, len(prompt) - 1 :].astype(mx.float32)
+    fresh = fresh - mx.logsumexp(fresh, axis=-1, keepdims=True)
+    assert mx.allclose(mx.stack(logprobs), fresh, atol=1e-4).item()
