@@ -388,17 +388,17 @@ def our_rows(shape, dtype, lengths, batches, steps, quant_bits, loop_len):
         gc.collect()
         model = build_model(shape, dtype, bits)
         row = dict(system=f"mlx_lm_xlstm {bits}-bit", weights_GiB=weight_bytes(model) / GiB)
-        add_decode(row, model, [1], steps)
+        add_decode(row, model, [1], steps, modes=("compiled", "ops"))
         rows.append(emit(row))
     return rows, model
 
 
-def add_decode(row, model, batches, steps):
+def add_decode(row, model, batches, steps, modes=("compiled", "eager", "ops")):
     for B in batches:
         floor = matvec_floor_tok_s(model, B)
         row[f"floor B={B}"] = floor
-        for mode, label in (("compiled", "compiled"), ("eager", "eager"), ("ops", "ops")):
-            label = f"decode B={B} {label}"
+        for mode in modes:
+            label = f"decode B={B} {mode}"
             (tok_s, finite), peak = with_peak(
                 lambda: with_kernels(mode != "ops", lambda: decode_tok_s(model, B, steps, mode))
             )
@@ -490,6 +490,7 @@ def main():
     p.add_argument("--reference", default="", help="reference systems to run too (CUDA): peer,native,triton")
     p.add_argument("--mlx-lm", default=None, help="a model folder to measure through mlx-lm's own tools")
     p.add_argument("--server-json", default=None, help="tools/bench_startup.py's JSON: its xLSTM server rows")
+    p.add_argument("--peer-json", default=None, help="tools/bench_peer.py's JSON (the peer run in a call of its own)")
     p.add_argument("--json", default=None, help="write all numbers here")
     a = p.parse_args()
 
@@ -514,6 +515,8 @@ def main():
     print(json.dumps(info), flush=True)
     wanted = a.reference.split(",") if a.reference else []
     rows = [peer_row(a.shape, lengths, batches)] if "peer" in wanted else []
+    if a.peer_json:
+        rows.append(emit(json.load(open(a.peer_json))))
     transformers_backends = [w for w in wanted if w != "peer"]
     rows += reference_rows(a.shape, lengths, batches, steps, transformers_backends) if transformers_backends else []
     def save(rows):  # after each stage, so that a run cut short keeps what it measured

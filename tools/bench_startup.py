@@ -6,8 +6,8 @@
 Writes DIR/xlstm and DIR/llama (random weights, one tokenizer; tools/random_models.py) unless
 there, then for each model:
   generate   fresh `mlx_lm generate --verbose True` processes, one prompt of --prompt-tokens:
-             "first run" with every cache the fast path writes empty (MLX's kernel cache,
-             MLX_PTX_CACHE_DIR, and this package's, MLX_XLSTM_CACHE_DIR: fresh folders),
+             "first run" with every cache the fast path writes empty (MLX's kernel caches,
+             MLX_PTX_CACHE_DIR and the temp folder, and this package's, MLX_XLSTM_CACHE_DIR),
              "later run" with those folders as the first run left them; the xLSTM also with
              MLX_XLSTM_KERNELS=0. Time to first token = prompt tokens / prompt tok/s. The
              session and the server below start from the folders as these runs left them.
@@ -63,11 +63,14 @@ def prompt_text(folder: Path, n_tokens: int, offset: int = 0) -> str:
 
 
 def cache_env(root: Path) -> dict:
-    """Every on-disk cache the fast path can write, under `root`."""
+    """Every on-disk cache the fast path can write, under `root`: MLX's CUDA kernels, this
+    package's kernels and checks, the driver's, and MLX's CPU kernels (in the temp folder)."""
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
     return {
         "MLX_PTX_CACHE_DIR": str(root / "mlx_ptx"),
         "MLX_XLSTM_CACHE_DIR": str(root / "mlx_lm_xlstm"),
         "CUDA_CACHE_PATH": str(root / "nv"),
+        "TMPDIR": str(root / "tmp"),
     }
 
 

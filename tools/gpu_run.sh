@@ -2,11 +2,15 @@
 # On the GPU machine (device tool), from the project root, after
 # `bash .device_mlx/p1/install_mlx_cuda.sh 1` (carry .device_mlx/p1): two calls back to back
 # (the machine stays warm ~30 s), each carrying .device_mlx/p2 and .whl (xlstm, mlstm_kernels):
-#   bash tools/gpu_run.sh startup   # MLX CUDA step 2, start-up vs a 7B llama (tools/bench_startup.py), kernel tests
-#   bash tools/gpu_run.sh steady    # the peer, our harness rows and mlx-lm's own tools (tools/bench.py)
-# Results and logs go to $OUT; the model folders stay in /tmp/su for the second call.
+#   bash tools/gpu_run.sh startup   # MLX CUDA step 2, start-up vs a 7B llama (tools/bench_startup.py), ~7 min
+#   bash tools/gpu_run.sh peer      # the peer (tools/bench_peer.py: torch.compile takes ~3 min), kernel tests
+#   bash tools/gpu_run.sh steady    # our harness rows and mlx-lm's own tools (tools/bench.py), speculative
+# (In one 330 s call, the peer's compile left no time for our rows: run H200-1 in BENCHMARKS.md.)
+# Results and logs go to $OUT; the model folders stay in /tmp/su for the second call. Each call
+# ends within BUDGET seconds (default 430).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+started=$(date +%s)
 # a warm machine may already have MLX's CUDA build
 python3 -c "import mlx.core as mx; assert mx.cuda.is_available()" 2>/dev/null \
   || bash .device_mlx/p2/install_mlx_cuda.sh 2 || exit 1
@@ -15,24 +19,26 @@ export PYTHONPATH="/tmp/site"
 # mlx-lm's own CLIs find the plugin through its registration hook
 printf '%s\nimport mlx_lm_xlstm._hook\n' "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/mlx_lm_xlstm_dev.pth"
 WORK=/tmp/su
-started=$(date +%s)
-left() { echo $(( ${BUDGET:-560} - ($(date +%s) - started) )); }
+left() { echo $(( ${BUDGET:-430} - ($(date +%s) - started) )); }
 
 if [ "$1" = startup ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import mlx.core as mx, mlx_lm, torch, triton; print('mlx', mx.__version__, mx.default_device(), 'mlx_lm', mlx_lm.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
     cat COMMIT 2>/dev/null; } | tee "$OUT/machine.txt"
-  timeout $(( $(left) - 100 )) python3 tools/bench_startup.py --dir $WORK --shape 7b --json $WORK/startup.json 2>&1 | tee "$OUT/startup.log"
+  timeout $(( $(left) - 5 )) python3 tools/bench_startup.py --dir $WORK --shape 7b --json $WORK/startup.json 2>&1 | tee "$OUT/startup.log"
   cp $WORK/startup.json $WORK/server-*.log "$OUT/" 2>/dev/null
+elif [ "$1" = peer ]; then
+  timeout $(( $(left) - 90 )) python3 tools/bench_peer.py --shape 7b --prefill 8192 --batches 1,16 --json $WORK/peer.json 2>&1 | tee "$OUT/peer.log"
+  cp $WORK/peer.json "$OUT/" 2>/dev/null
   # the kernel tests check the kernels themselves: no remembered first-use checks
   MLX_XLSTM_CACHE_DIR=$(mktemp -d) timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/test_kernels.log"
 elif [ "$1" = steady ]; then
-  timeout $(( $(left) - 110 )) python3 tools/bench.py --shape 7b --reference peer --prefill 8192 --batches 1,16 \
-    --steps 48 --quant 4 --mlx-lm $WORK/xlstm --server-json $WORK/startup.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
-  if [ -f tools/bench_speculative.py ]; then
+  timeout $(( $(left) - 100 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
+    --peer-json $WORK/peer.json --mlx-lm $WORK/xlstm --server-json $WORK/startup.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
+  if [ -f tools/bench_speculative.py ] && [ "$(left)" -gt 40 ]; then
     timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
   fi
 else
-  echo "usage: bash tools/gpu_run.sh startup|steady" >&2; exit 2
+  echo "usage: bash tools/gpu_run.sh startup|peer|steady" >&2; exit 2
 fi
 echo "gpu_run $1 done after $(( $(date +%s) - started )) s"
