@@ -28,11 +28,9 @@ class StateSlots:
         self.names = names
         self._index = {name: j for j, name in enumerate(names)}
 
-    def make_cache(self, replay: Optional[Callable] = None) -> ArraysCache:
-        """The layer's cache; given `replay` (the layer's recurrence on kept inputs), one
-        that speculative decoding can trim."""
-        if replay is None:
-            return ArraysCache(size=len(self.names))
+    def make_cache(self, replay: Callable) -> "UndoableCache":
+        """The layer's cache; `replay(cache, **kept inputs)` is the layer's recurrence alone,
+        which a trim re-runs on the tokens it keeps."""
         return UndoableCache(len(self.names), replay=replay)
 
     def read(self, cache: Optional[ArraysCache], *names: str):
