@@ -123,6 +123,47 @@ def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
     assert kernel.calls == checks + 2  # checked once only
 
 
+def test_a_passed_check_is_remembered_for_this_machines_kernel(stand_in, monkeypatch, tmp_path):
+    """A new process (first-use state cleared) skips the check a pass left in MLX_XLSTM_CACHE_DIR."""
+    monkeypatch.setenv("MLX_XLSTM_CACHE_DIR", str(tmp_path))
+    kernel = stand_in()
+    monkeypatch.setattr(step, "BUILT", kernel)  # as if this machine had built it
+    args = random_step(2, 2, 8, 24, mx.float32, key=1, masked=[1])
+    dispatch_step(*args)
+    first = kernel.calls
+    assert first >= 2 and len(list(tmp_path.rglob("step-*"))) == 1
+    monkeypatch.setitem(kernels._verified, "step", None)
+    dispatch_step(*args)
+    assert kernel.calls == first + 1 and kernels._verified["step"] is True
+
+
+def test_a_failed_check_is_not_remembered(stand_in, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLX_XLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(step, "BUILT", stand_in(wrong=True))
+    with pytest.warns(UserWarning, match="fused mLSTM step kernel is disabled"):
+        dispatch_step(*random_step(2, 2, 8, 24, mx.float32, key=1))
+    assert not list(tmp_path.rglob("step-*"))
+
+
+def test_a_cuda_binary_is_compiled_once_per_machine(monkeypatch, tmp_path):
+    """kernels/cuda.py keeps each unit's binary on disk, per source and GPU architecture."""
+    monkeypatch.setenv("MLX_XLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda, "_architecture", lambda: (9, 0))
+    compiles = []
+
+    class CountingNVRTC:
+        def compile(self, source, name, arch, binary):
+            compiles.append(arch)
+            return f"{arch}:{source}".encode()
+
+    monkeypatch.setattr(cuda, "_nvrtc", CountingNVRTC())
+    first = cuda.compiled("unit A", "k")
+    assert cuda.compiled("unit A", "k") == first and compiles == ["sm_90"]
+    cuda.compiled("unit B", "k")
+    monkeypatch.setattr(cuda, "_architecture", lambda: (10, 0))
+    assert cuda.compiled("unit A", "k") == b"sm_100:unit A" and compiles == ["sm_90", "sm_90", "sm_100"]
+
+
 def test_env_variable_forces_the_ops_path(stand_in, monkeypatch):
     kernel = stand_in()
     monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
