@@ -51,6 +51,13 @@ class StateSlots:
         keep_inputs(cache, {name: x for name, x in inputs.items() if x is not None})
 
 
+def speculative_call(cache: list, T: int) -> bool:
+    """A call of a speculative round after the first (every cache has been trimmed): at most
+    num_draft_tokens + 1 tokens, of one or two lengths a run, so worth a compiled trace each,
+    where prompts of any length are not."""
+    return T <= MAX_UNDO_STEPS + 1 and all(getattr(c, "speculating", False) for c in cache)
+
+
 def keep_inputs(cache, inputs: dict):
     if hasattr(cache, "keep_inputs"):
         cache.keep_inputs(inputs)
@@ -151,6 +158,11 @@ class UndoableCache(ArraysCache):
 
     def _close(self):
         self._start, self._calls, self._steps, self._offer = None, [], 0, False
+
+    @property
+    def speculating(self) -> bool:
+        """Trimmed since it was made or copied: in a speculative run."""
+        return self._trimmed
 
     def is_trimmable(self) -> bool:
         if self._fresh:

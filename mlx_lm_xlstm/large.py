@@ -271,7 +271,7 @@ class Model(RecurrentModel):
         return self.backbone
 
     def make_cache(self):
-        return [block.mlstm_layer.cache_slots.make_cache(block.mlstm_layer.replay) for block in self.layers]
+        return [block.mlstm_layer.cache_slots.make_cache(self.trim_replays.of(block.mlstm_layer)) for block in self.layers]
 
     def check_cache(self, cache: list):
         super().check_cache(cache)

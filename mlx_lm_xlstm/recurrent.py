@@ -6,6 +6,7 @@ whole forward, and advances every cache once. A model defines `forward(inputs, m
 cache, fresh)`, `layers`, `model` (its pipeline holder) and `make_cache`.
 """
 
+import copy
 import functools
 from typing import Any, List, Optional
 
@@ -14,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
-from .cache import StepInputs, keep_inputs
+from .cache import StepInputs, keep_inputs, speculative_call
 from .mlstm import fast_path_enabled
 
 
@@ -23,6 +24,7 @@ class CompiledDecode:
 
     mlx-lm's generation loop calls the model once per token; tracing the step once per
     batch size, instead of rebuilding its graph every token, is worth ~35% of decode speed.
+    Speculative decoding's short calls (a verify call of k+1 tokens) are traced per length.
     The weights are inputs of the compiled function (model.state), so quantizing or adapting
     the model later retraces it. A copy of the model starts without one."""
 
@@ -43,6 +45,38 @@ class CompiledDecode:
         return logits
 
 
+class CompiledReplays:
+    """Each layer's recurrence on a trim's kept inputs (`UndoableCache.trim`) as one compiled
+    function, traced per kept length, the layer's weights as inputs: eager, a replay is some
+    twenty small ops a layer, each a launch. Off where the decode step is not compiled. A
+    copy of the model starts without them."""
+
+    def __init__(self, model):
+        self.model, self.fns = model, {}
+
+    def __deepcopy__(self, memo):
+        return CompiledReplays(copy.deepcopy(self.model, memo))
+
+    def of(self, layer):
+        """`replay(cache, **inputs)` for the layer's UndoableCache."""
+
+        def replay(cache, **inputs):
+            if not self.model.compiled_decode or any(x is None for x in cache.cache):
+                return layer.replay(cache, **inputs)
+            if id(layer) not in self.fns:
+                self.fns[id(layer)] = mx.compile(functools.partial(replay_states, layer), inputs=layer.state)
+            cache.cache = self.fns[id(layer)](cache.cache, inputs)
+
+        return replay
+
+
+def replay_states(layer, states: list, inputs: dict) -> list:
+    cache = ArraysCache(size=len(states))
+    cache.cache = list(states)
+    layer.replay(cache, **inputs)
+    return cache.cache
+
+
 def forward_states(model, inputs: mx.array, states: list, mask: Optional[mx.array] = None):
     """One forward on a non-empty state as a pure function: (logits, new states, each
     layer's recurrence inputs, which a cache that can be trimmed keeps)."""
@@ -60,6 +94,7 @@ class RecurrentModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.decode_step = CompiledDecode()
+        self.trim_replays = CompiledReplays(self)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         T = inputs.shape[1]
@@ -69,7 +104,7 @@ class RecurrentModel(nn.Module):
         fresh = not cache or cache[0].empty()
         if not fresh:
             self.check_cache(cache)
-        if not fresh and T == 1 and self.compiled_decode:
+        if not fresh and (T == 1 or speculative_call(cache, T)) and self.compiled_decode:
             logits = self.decode_step(self, inputs, mask, cache)
         else:
             logits = self.forward(inputs, mask, cache, fresh=fresh)

@@ -267,7 +267,7 @@ class Model(RecurrentModel):
             check_split_inputs({f"xlstm_block_stack.layers.{j}.{name}": m for name, m in inputs_split.items()}, N)
 
     def make_cache(self):
-        return [block.xlstm.cache_slots.make_cache(block.xlstm.replay) for block in self.layers]
+        return [block.xlstm.cache_slots.make_cache(self.trim_replays.of(block.xlstm)) for block in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         """The reference's state_dict -> ours: sLSTM kernel/bias to our layout (per the
