@@ -20,7 +20,8 @@ the parts of a round and puts them in the cost model of mlx-lm's loop:
   undo MiB      what the target's cache keeps for a trim after a verify call (one state + inputs)
 A round with per-token acceptance rate a yields E = (1 - a^(k+1)) / (1 - a) tokens for
 k * draft + verify; speed-up = E * step / (k * draft + verify); break-even: the a where it is 1.
-The target as its own draft (a = 1, measured end to end) checks the model against a run.
+The target as its own draft (a = 1, measured end to end over 32 tokens against plain
+generation) checks the model against a run.
 Every measurement runs once, errors are recorded in the JSON instead of ending the run.
 """
 
@@ -174,21 +175,21 @@ def break_even(k, step, draft, verify):
     return hi
 
 
-def self_draft_tok_s(model, k, max_tokens):
-    """End to end, the target as its own draft (every draft accepted), and plain."""
+def generated_tok_s(model, max_tokens, k=None):
+    """End to end through mlx-lm's loop: plain, or the target as its own draft (every draft kept)."""
     from mlx_lm.generate import generate_step, speculative_generate_step
 
     prompt = mx.random.randint(2, model.args.vocab_size, (32,))
 
-    def run(spec):
-        steps = (speculative_generate_step(prompt, model, model, num_draft_tokens=k, max_tokens=max_tokens)
-                 if spec else generate_step(prompt, model, max_tokens=max_tokens))
+    def run(n):
+        steps = (generate_step(prompt, model, max_tokens=n) if k is None
+                 else speculative_generate_step(prompt, model, model, num_draft_tokens=k, max_tokens=n))
         t = time.perf_counter()
-        n = sum(1 for _ in steps)
-        return n / (time.perf_counter() - t)
+        count = sum(1 for _ in steps)
+        return count / (time.perf_counter() - t)
 
-    run(True), run(False)  # traces
-    return run(True), run(False)
+    run(2 * (k or 1) + 4)  # traces: the verify call's length, the draft's 2-token call
+    return run(max_tokens)
 
 
 def attempt(record, name, fn):
@@ -212,7 +213,9 @@ def shape_report(report, shape, dtype, draft_shape, steps, save):
     mx.eval(model.parameters(), draft.parameters())
     step = attempt(report, "step_ms", lambda: step_ms(model, steps))
     draft_step = attempt(report, "draft_step_ms", lambda: step_ms(draft, steps))
-    print(f"step {step} ms, draft step {draft_step} ms", flush=True)
+    plain_tok_s = attempt(report, "plain_tok_s", lambda: generated_tok_s(model, 32))
+    print(f"step {step} ms, draft step {draft_step} ms, plain {plain_tok_s} tok/s", flush=True)
+    save(report)
     for k in KS:
         row = dict(k=k)
         attempt(row, "verify_all_accepted_ms", lambda: verify_ms(model, k, 0, steps))
@@ -229,10 +232,10 @@ def shape_report(report, shape, dtype, draft_shape, steps, save):
             row["break_even_acceptance"] = break_even(k, step, draft_step, verify)
             if row["break_even_acceptance"] is not None:
                 row["break_even_acceptance"] = round(row["break_even_acceptance"], 3)
-        self_draft = attempt(row, "self_draft_tok_s", lambda: self_draft_tok_s(model, k, 64))
-        if isinstance(self_draft, tuple) and isinstance(step, float) and isinstance(verify, float):
-            row["self_draft_measured_speedup"] = round(self_draft[0] / self_draft[1], 2)
-            accepted_verify = row["verify_all_accepted_ms"]
+        self_draft = attempt(row, "self_draft_tok_s", lambda: generated_tok_s(model, 32, k))
+        accepted_verify = row["verify_all_accepted_ms"]
+        if all(isinstance(x, float) for x in (self_draft, plain_tok_s, step, accepted_verify)):
+            row["self_draft_measured_speedup"] = round(self_draft / plain_tok_s, 2)
             row["self_draft_model_speedup"] = round(speedup(1.0, k, step, step, accepted_verify), 2)
         report["rows"].append({key: (round(v, 3) if isinstance(v, float) else v) for key, v in row.items()})
         print(report["rows"][-1], flush=True)
