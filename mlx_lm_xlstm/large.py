@@ -270,8 +270,9 @@ class Model(RecurrentModel):
         # Where mlx-lm's sharded_load looks for the pipeline layout.
         return self.backbone
 
-    def make_cache(self):
-        return [block.mlstm_layer.cache_slots.make_cache(self.trim_replays.of(block.mlstm_layer)) for block in self.layers]
+    @property
+    def recurrent_layers(self):
+        return [block.mlstm_layer for block in self.layers]
 
     def check_cache(self, cache: list):
         super().check_cache(cache)

@@ -3,7 +3,8 @@
 `RecurrentModel.__call__` is mlx-lm's `model(inputs, cache)`: it makes the mask of a
 right-padded batch, checks a cache it did not make, runs a decode step compiled or the
 whole forward, and advances every cache once. A model defines `forward(inputs, mask,
-cache, fresh)`, `layers`, `model` (its pipeline holder) and `make_cache`.
+cache, fresh)`, `layers`, `model` (its pipeline holder) and `recurrent_layers` (the layer of
+each block that keeps a state, with its `cache_slots`).
 """
 
 import copy
@@ -118,10 +119,13 @@ class RecurrentModel(nn.Module):
         asked for the plain ops path (MLX_XLSTM_KERNELS=0)."""
         return fast_path_enabled() and not self.distributed and self.model.pipeline_size == 1
 
+    def make_cache(self):
+        return [layer.cache_slots.make_cache(self.trim_replays.of(layer)) for layer in self.recurrent_layers]
+
     def check_cache(self, cache: list):
         """A prompt cache saved with another model fails here, naming what differs, not deep in a layer."""
         found = [len(c.cache) if isinstance(c, ArraysCache) else type(c).__name__ for c in cache]
-        expected = [len(c.cache) for c in self.make_cache()]
+        expected = [len(layer.cache_slots.names) for layer in self.recurrent_layers]
         if found != expected:
             self.refuse_cache(f"{len(found)} layers with state slots {found[:4]}", f"{len(expected)} layers with {expected[:4]}")
 

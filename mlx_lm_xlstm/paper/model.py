@@ -266,8 +266,9 @@ class Model(RecurrentModel):
             inputs_split = {name: m for name, m in block.named_modules() if name in ("xlstm.proj_down", "ffn.proj_down")}
             check_split_inputs({f"xlstm_block_stack.layers.{j}.{name}": m for name, m in inputs_split.items()}, N)
 
-    def make_cache(self):
-        return [block.xlstm.cache_slots.make_cache(self.trim_replays.of(block.xlstm)) for block in self.layers]
+    @property
+    def recurrent_layers(self):
+        return [block.xlstm for block in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
         """The reference's state_dict -> ours: sLSTM kernel/bias to our layout (per the
