@@ -1,4 +1,4 @@
-"""Chunk-state recurrence of the chunkwise prefill (`mlx_lm_xlstm.mlstm.chunk_states`), one
+"""Chunk-state recurrence of the chunkwise prefill (`mlx_lm_xlstm.mlstm.chunk_states_ops`), one
 kernel for Metal and one for CUDA, same algorithm.
 
 The chunkwise form is two parts (as in NX-AI's TFLA): matmuls inside each chunk, which
@@ -87,7 +87,7 @@ BUILT = kernel = _build()
 
 def launch(kernel, g, a_max, dC, dn, C, n, m, verbose=False):
     """Run `kernel` (built from this module's source); arguments and result as
-    `mlx_lm_xlstm.mlstm.chunk_states`."""
+    `mlx_lm_xlstm.mlstm.chunk_states_ops`."""
     B, H, NC, Dqk, Dv = dC.shape
     f32 = mx.float32
     elements = -(-(Dqk * Dv + Dqk) // THREADS) * THREADS

@@ -98,7 +98,7 @@ BUILT = kernel = _build()
 
 def launch(kernel, q, k, v, i, log_f, C, n, m, eps, verbose=False):
     """Run `kernel` (built from this module's source) on one decode step; shapes as in
-    `mlx_lm_xlstm.mlstm.mlstm_step`. Returns h (B, H, Dv) fp32 and the new (C, n, m)."""
+    `mlx_lm_xlstm.mlstm.mlstm_step_ops`. Returns h (B, H, Dv) fp32 and the new (C, n, m)."""
     B, H, Dqk, Dv = C.shape
     f32 = mx.float32
     columns = -(-Dv // 32) * 32
