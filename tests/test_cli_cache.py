@@ -1,7 +1,6 @@
 """`mlx_lm cache_prompt` then `mlx_lm generate --prompt-cache-file`: the same text as generating
 from the whole prompt, and a cache file whose size does not grow with the prompt (a state, not KV)."""
 
-import pytest
 from helpers import fixtures
 from helpers.cli import cli, generated_text
 from mlx_lm import generate, load

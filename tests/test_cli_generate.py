@@ -3,7 +3,6 @@
 import shutil
 
 import mlx.core as mx
-import pytest
 from helpers.cli import cli, generated_text
 from mlx_lm import generate, load, stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler

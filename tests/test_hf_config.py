@@ -1,7 +1,6 @@
 """xLSTM-7b's config.json (Triton kernel names) must not stop mlx-lm's tokenizer loader."""
 
 import json
-import shutil
 
 from helpers import fixtures
 from mlx_lm.utils import load_tokenizer

@@ -220,7 +220,7 @@ def test_trim_beyond_the_window_is_refused(demo):
         cache[0].trim(1)
 
     model(mx.array([[5, 6, 7]]), cache=cache)
-    with pytest.raises(ValueError, match=f"cannot undo 4 tokens: the cache keeps only the last 3"):
+    with pytest.raises(ValueError, match="cannot undo 4 tokens: the cache keeps only the last 3"):
         cache[0].trim(4)
 
     # Plain decoding past the window closes it: the cache is an ArraysCache again.

@@ -83,8 +83,8 @@ def main():
             rows.append((name, size / 2**20, ppl, se, 100 * (ppl / reference - 1), note))
 
     print(f"model {model_path}; {data.shape[0]} windows x {data.shape[1]} tokens")
-    print(f"| variant | weights MiB | perplexity | ± | vs fp32 | note |")
-    print(f"|---|---:|---:|---:|---:|---|")
+    print("| variant | weights MiB | perplexity | ± | vs fp32 | note |")
+    print("|---|---:|---:|---:|---:|---|")
     for name, mib, ppl, se, delta, note in rows:
         print(f"| {name} | {mib:.2f} | {ppl:.3f} | {se:.3f} | {delta:+.2f}% | {note} |")
 

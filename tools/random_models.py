@@ -16,7 +16,6 @@ import sysconfig
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
