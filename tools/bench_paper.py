@@ -64,6 +64,7 @@ def main():
 
     mx.random.seed(0)
     model = Model(paper_args(a.embedding_dim, a.num_blocks, a.vocab_size))
+    model.eval()  # as mlx-lm's load leaves it
     mx.eval(model.parameters())
     prompt = mx.random.randint(0, a.vocab_size, (1, a.prompt))
     rows = {}

@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from ..cache import StateSlots
 from ..distributed import gather_channels, local_channels, split_channels
+from ..mlstm import fast_path_enabled
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm
 
 NUM_GATES = 4
@@ -40,24 +41,28 @@ def slstm_pointwise(raw, c, n, m):
     return mx.sigmoid(o_raw) * c_new / n_new, c_new, n_new, m_new
 
 
-# Decode runs one step per call: a compiled step fuses its pointwise ops. Sequences
-# (prefill, training) loop over the plain ops; nesting the compiled step in the trainer's
-# own mx.compile makes that compile ~10x slower for no gain.
-slstm_pointwise_compiled = mx.compile(slstm_pointwise)
+def slstm_step(wx_t, R, state):
+    """One step: wx_t (B, NH, 4, DH) input contributions with bias; state (y, c, n, m)."""
+    B, NH, G, DH = wx_t.shape
+    ry = (state[0][:, :, None, :] @ R).reshape(B, NH, G, DH)
+    return slstm_pointwise(wx_t + ry, *state[1:])
 
 
-def slstm_sequence(wx, R, b, state, mask=None):
+# A step is a matmul and some twenty small ops: compiled, they fuse into a few launches.
+# Training loops over the plain step: nesting a compiled step in the trainer's own
+# mx.compile makes that compile ~10x slower for no gain.
+slstm_step_compiled = mx.compile(slstm_step)
+
+
+def slstm_sequence(wx, R, b, state, mask=None, compiled=False):
     """wx: (B, T, NH, 4, DH) input contributions; R: (NH, DH, 4 DH); b: (NH, 4, DH);
     state: (y, c, n, m), each (B, NH, DH) fp32; mask: (B, T) or None (masked steps keep the state).
     Returns y for every step (B, T, NH, DH) and the last state."""
-    B, T, NH, G, DH = wx.shape
-    pointwise = slstm_pointwise_compiled if T == 1 else slstm_pointwise
+    step = slstm_step_compiled if compiled else slstm_step
     wx = wx.astype(mx.float32) + b.astype(mx.float32)
     ys = []
-    for t in range(T):
-        y_prev = state[0]
-        ry = (y_prev[:, :, None, :] @ R).reshape(B, NH, G, DH)
-        new = pointwise(wx[:, t] + ry, *state[1:])
+    for t in range(wx.shape[1]):
+        new = step(wx[:, t], R, state)
         if mask is not None:
             keep = mask[:, t, None, None]
             new = tuple(mx.where(keep, a, old) for a, old in zip(new, state))
@@ -85,7 +90,9 @@ class sLSTMCell(nn.Module):
         if state is None:
             B, _, NH, _, DH = wx.shape
             state = tuple(mx.zeros((B, NH, DH), mx.float32) for _ in range(4))
-        return slstm_sequence(wx, self.recurrent_kernel, self.bias, state, mask)
+        # Compiled for inference on the fast path; the plain step for training and MLX_XLSTM_KERNELS=0.
+        compiled = fast_path_enabled() and not self.training
+        return slstm_sequence(wx, self.recurrent_kernel, self.bias, state, mask, compiled)
 
 
 class sLSTMLayer(nn.Module):
