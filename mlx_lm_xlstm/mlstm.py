@@ -243,7 +243,8 @@ def mlstm_update(
         return h[:, None], state
     if T <= FP32_CALL:
         # As the step does: a speculative verify call then scores its tokens as decoding
-        # them one by one would (bf16 matmuls flip near-tied greedy picks); it pays on prompts.
+        # them one by one would (bf16 matmuls flip near-tied greedy picks). Longer calls
+        # (prompts) keep the bf16 matmuls, where tensor cores pay.
         q, k, v = (x.astype(mx.float32) for x in (q, k, v))
 
     hs, start = [], 0
