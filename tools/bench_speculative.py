@@ -39,6 +39,7 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+from bench import timed  # noqa: E402
 
 DEMO, DEMO_DRAFT = ROOT / "demo" / "xlstm-stdlib", ROOT / "demo" / "xlstm-stdlib-draft"
 PROMPTS = ["    def __init__(self, name", "import os\n\n\ndef main(", "class Queue:\n    \"\"\"", "        for key, value in"]
@@ -107,13 +108,7 @@ def demo_rows(model_dir, draft_dir, max_tokens, repeat):
 
 
 def median_ms(fn, n):
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[n // 2]
+    return 1e3 * timed(fn, repeat=n)
 
 
 def warm_cache(model, prompt_len=64):
