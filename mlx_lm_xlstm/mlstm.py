@@ -3,7 +3,9 @@
 Per head the state is C (Dqk, Dv), n (Dqk) and the stabiliser m (scalar), always fp32.
 Gates, decays and the state are fp32; the chunkwise form's matmuls take bf16 inputs for a
 bf16 model (fp32 accumulation, as NX-AI's TFLA kernels do): tensor cores make prefill fast.
-Calls of at most FP32_CALL tokens (speculative verify calls) run in fp32, as the step does.
+Calls of at most SHORT_CALL tokens (decode steps, speculative verify calls) run in fp32:
+token by token in the step kernel where it applies (one pass over the state for the whole
+call), chunkwise otherwise.
 Inside the cell the gates are `i` (the input-gate pre-activation) and `log_f` (logsigmoid of
 the forget-gate pre-activation). A masked step carries `i = MASKED_I` and `log_f = 0`: it
 leaves the state unchanged.
@@ -25,8 +27,9 @@ from . import kernels
 MASKED_I = -1e30
 # The shortest piece the chunkwise form runs: shorter prompts are padded up to it.
 MIN_PIECE = 8
-# Calls of at most this many tokens run the chunkwise cell in fp32 even for a bf16 model.
-FP32_CALL = 64
+# Calls of at most this many tokens run in fp32 even for a bf16 model, in the step kernel
+# where it applies.
+SHORT_CALL = 64
 
 
 class GateProjection(nn.Module):
@@ -53,23 +56,27 @@ def fast_path_enabled() -> bool:
 
 
 def mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """One token.
+    """T tokens one after the other: the recurrent form.
 
-    q, k: (B, H, Dqk); v: (B, H, Dv); i, log_f: (B, H);
+    q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, log_f: (B, T, H);
     C: (B, H, Dqk, Dv); n: (B, H, Dqk); m: (B, H).
-    Returns h (B, H, Dv) in fp32 and the new (C, n, m).
+    Returns h (B, T, H, Dv) in fp32 and the new (C, n, m).
     """
     q, k, v = (x.astype(mx.float32) for x in (q, k, v))
-    m_new = mx.maximum(log_f + m, i)
-    f_act = mx.exp(log_f + m - m_new)
-    i_act = mx.exp(i - m_new)
-    C = f_act[..., None, None] * C + (i_act[..., None] * k)[..., :, None] * v[..., None, :]
-    n = f_act[..., None] * n + i_act[..., None] * k
     q = q * q.shape[-1] ** -0.5
-    num = (q[..., None, :] @ C).squeeze(-2)
-    den = (q * n).sum(-1)
-    h = num / (mx.maximum(mx.abs(den), mx.exp(-m_new)) + eps)[..., None]
-    return h, (C, n, m_new)
+    hs = []
+    for t in range(q.shape[1]):
+        m_new = mx.maximum(log_f[:, t] + m, i[:, t])
+        f_act = mx.exp(log_f[:, t] + m - m_new)
+        i_act = mx.exp(i[:, t] - m_new)
+        k_t = i_act[..., None] * k[:, t]
+        C = f_act[..., None, None] * C + k_t[..., :, None] * v[:, t, :, None, :]
+        n = f_act[..., None] * n + k_t
+        num = (q[:, t, :, None, :] @ C).squeeze(-2)
+        den = (q[:, t] * n).sum(-1)
+        hs.append(num / (mx.maximum(mx.abs(den), mx.exp(-m_new)) + eps)[..., None])
+        m = m_new
+    return mx.stack(hs, axis=1), (C, n, m)
 
 
 def _segment_sums(g):
@@ -158,8 +165,12 @@ _compiled_chunkwise = mx.compile(mlstm_chunkwise_ops)
 _compiled_chunkwise_fused = mx.compile(functools.partial(mlstm_chunkwise_ops, states=kernels.chunk_states_kernel))
 
 
+def _step_kernel_applies(q, k, v, i, log_f, state) -> bool:
+    return fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state)
+
+
 def _step(q, k, v, i, log_f, state, eps):
-    if fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state):
+    if _step_kernel_applies(q, k, v, i, log_f, state):
         return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps)
     step = _compiled_step if fast_path_enabled() else mlstm_step_ops
     return step(q, k, v, i, log_f, *state, eps=eps)
@@ -216,10 +227,11 @@ def mlstm_update(
     q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) input- and forget-gate
     pre-activations; state: (C, n, m) or None for the zero state; mask: (B, T) or None
     (masked steps leave the state as it is).
-    One token runs the recurrent step; more run chunkwise in pieces of at most `max_piece`
-    tokens (a working set bounded whatever the length, the same result as one pass).
-    The fused kernels run where they apply, the compiled reference otherwise, and the plain
-    reference with MLX_XLSTM_KERNELS=0.
+    Calls of at most SHORT_CALL tokens run token by token in the step kernel where it
+    applies; otherwise one token runs the recurrent step and more run chunkwise, in pieces
+    of at most `max_piece` tokens (a working set bounded whatever the length, the same
+    result as one pass). The fused kernels run where they apply, the compiled reference
+    otherwise, and the plain reference with MLX_XLSTM_KERNELS=0.
     Returns h (B, T, H, Dv) in fp32 and the new state.
     """
     B, T, H, Dqk = q.shape
@@ -235,13 +247,11 @@ def mlstm_update(
     if mask is not None:
         i = mx.where(mask[..., None], i, MASKED_I)
         log_f = mx.where(mask[..., None], log_f, 0.0)
+    if T == 1 or (T <= SHORT_CALL and _step_kernel_applies(q, k, v, i, log_f, state)):
+        return _step(q, k, v, i, log_f, state, eps)
     q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
     i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)
-
-    if T == 1:
-        h, state = _step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[..., 0], log_f[..., 0], state, eps)
-        return h[:, None], state
-    if T <= FP32_CALL:
+    if T <= SHORT_CALL:
         # As the step does: a speculative verify call then scores its tokens as decoding
         # them one by one would (bf16 matmuls flip near-tied greedy picks). Longer calls
         # (prompts) keep the bf16 matmuls, where tensor cores pay.

@@ -20,12 +20,14 @@ ON_GPU = step.kernel is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no Metal or CUDA device: kernel not built")
 
 
-def random_step(B, H, Dqk, Dv, dtype, key, masked=()):
+def random_step(B, H, Dqk, Dv, dtype, key, masked=(), T=1):
+    """T random tokens in the model's (B, T, H, D) layout; the sequences in `masked` masked
+    at every token; a random state."""
     keys = mx.random.split(mx.random.key(key), 8)
-    q, k = (mx.random.normal((B, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
-    v = mx.random.normal((B, H, Dv), key=keys[2]).astype(dtype)
-    i = 4 * mx.random.normal((B, H), key=keys[3])
-    log_f = -mx.abs(mx.random.normal((B, H), key=keys[4]))
+    q, k = (mx.random.normal((B, T, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
+    v = mx.random.normal((B, T, H, Dv), key=keys[2]).astype(dtype)
+    i = 4 * mx.random.normal((B, T, H), key=keys[3])
+    log_f = -mx.abs(mx.random.normal((B, T, H), key=keys[4]))
     for b in masked:
         i[b] = ops.MASKED_I
         log_f[b] = 0.0
@@ -48,7 +50,7 @@ def flat(result):
 
 
 def dispatch_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """The step as `mlstm_update` runs it: kernel where it applies, compiled ops otherwise."""
+    """The recurrent steps as `mlstm_update` runs them: kernel where it applies, compiled ops otherwise."""
     return ops._step(q, k, v, i, log_f, (C, n, m), eps)
 
 
@@ -63,7 +65,8 @@ def dispatch_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
 def step_outputs(inputs, template, grid, threadgroup):
     q, k, v, i, log_f, C, n, m, eps = inputs
     assert template["DQK"] == q.shape[-1] and grid[0] % 32 == 0
-    assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[1]
+    assert template["STEPS"] == q.shape[1] and template["NH"] == q.shape[2]
+    assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[2]
     h, (C, n, m) = ops.mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=eps.item())
     return [h, C, n, m]
 
@@ -162,6 +165,21 @@ def test_a_cuda_binary_is_compiled_once_per_machine(monkeypatch, tmp_path):
     cuda.compiled("unit B", "k")
     monkeypatch.setattr(cuda, "_architecture", lambda: (10, 0))
     assert cuda.compiled("unit A", "k") == b"sm_100:unit A" and compiles == ["sm_90", "sm_90", "sm_100"]
+
+
+def test_short_calls_run_in_the_step_kernel_and_prompts_chunkwise(stand_in, monkeypatch):
+    """mlstm_update sends calls of up to SHORT_CALL tokens (a verify call) to the step
+    kernel, longer ones to the chunkwise form; both give the reference's result."""
+    kernel = stand_in()
+    monkeypatch.setattr(kernels, "chunk_states_kernel_applies", lambda *state: False)
+    for T, in_kernel in ((1, True), (5, True), (ops.SHORT_CALL, True), (ops.SHORT_CALL + 1, False)):
+        q, k, v, i, _, C, n, m = random_step(2, 2, 8, 24, mx.float32, key=T, T=T)
+        f = mx.random.normal(i.shape, key=mx.random.key(T))
+        before = kernel.calls
+        got = ops.mlstm_update(q, k, v, i, f, (C, n, m), chunk_size=4)
+        assert (kernel.calls > before) == in_kernel, T
+        want = ops.mlstm_step_ops(q, k, v, i, ops.nn.log_sigmoid(f), C, n, m)
+        assert_close(flat(got), flat(want), 1e-4, 1e-5)
 
 
 def test_env_variable_forces_the_ops_path(stand_in, monkeypatch):
@@ -280,8 +298,8 @@ def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in
 
 def cuda_source(dtype, Dqk, Dv, body=None):
     """The translation unit the CUDA step kernel compiles (kernels/cuda.py)."""
-    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body)
-    return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv)])[1]
+    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=["STEPS"])
+    return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv), ("NH", 8)])[1]
 
 
 def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
@@ -320,7 +338,7 @@ def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
     nvrtc = _nvrtc()
     for unit in (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512)):
         assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
-    broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;"))
+    broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("= c[j];", "= c_new[j];"))
     with pytest.raises(RuntimeError, match="c_new"):
         nvrtc.compile(broken, "unit", "sm_90", binary=True)
 
@@ -329,7 +347,7 @@ def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
 def test_cuda_step_source_compiles():
     result = nvcc(cuda_source(mx.bfloat16, 256, 512))
     assert result.returncode == 0, result.stderr
-    broken = step.source(CUDA).replace("C_out[at] = c;", "C_out[at] = c_new;")
+    broken = step.source(CUDA).replace("= c[j];", "= c_new[j];")
     assert nvcc(cuda_source(mx.float32, 16, 40, broken)).returncode != 0
 
 
@@ -356,8 +374,9 @@ def first_use_checks(monkeypatch):
 @pytest.mark.parametrize("B", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("Dqk, Dv", [(256, 512), (12, 40)])
-def test_kernel_matches_ops(B, dtype, Dqk, Dv):
-    args = random_step(B, 2, Dqk, Dv, dtype, key=B, masked=[0])
+@pytest.mark.parametrize("T", [1, 5])
+def test_kernel_matches_ops(B, dtype, Dqk, Dv, T):
+    args = random_step(B, 2, Dqk, Dv, dtype, key=B, masked=[0], T=T)
     got = flat(step.launch(step.kernel, *args, 1e-6))
     want = flat(ops.mlstm_step_ops(*args))
     assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -366,12 +385,27 @@ def test_kernel_matches_ops(B, dtype, Dqk, Dv):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_a_call_of_several_tokens_is_those_steps_one_by_one(dtype):
+    """A verify call of k + 1 tokens scores them bit for bit as decoding them one at a time
+    does: speculative decoding's greedy output is plain greedy output."""
+    q, k, v, i, log_f, C, n, m = random_step(3, 8, 256, 512, dtype, key=21, masked=[1], T=6)
+    h_call, state_call = step.launch(step.kernel, q, k, v, i, log_f, C, n, m, 1e-6)
+    hs, state = [], (C, n, m)
+    for t in range(6):
+        h, state = step.launch(step.kernel, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], i[:, t:t + 1], log_f[:, t:t + 1], *state, 1e-6)
+        hs.append(h)
+    for got, want in zip((h_call, *state_call), (mx.concatenate(hs, axis=1), *state)):
+        assert mx.array_equal(got, want).item()
+
+
+@needs_gpu
 def test_kernel_over_many_steps_stays_with_ops(first_use_checks):
     B, H, Dqk, Dv = 2, 8, 256, 512
     _, _, _, _, _, C, n, m = random_step(B, H, Dqk, Dv, mx.float32, key=11)
     state_k = state_o = (C, n, m)
     for t in range(256):
-        q, k, v, i, log_f, *_ = random_step(B, H, Dqk, Dv, mx.bfloat16, key=100 + t, masked=[t % 2])
+        q, k, v, i, log_f, *_ = random_step(B, H, Dqk, Dv, mx.bfloat16, key=100 + t, masked=[t % 2], T=1 + t % 3)
         h_k, state_k = dispatch_step(q, k, v, i, log_f, *state_k)
         h_o, state_o = ops.mlstm_step_ops(q, k, v, i, log_f, *state_o)
         mx.eval(h_k, state_k, h_o, state_o)

@@ -61,8 +61,9 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
         h, (C, n, m) = step.launch(kernel, q, k, v, i, log_f, C, n, m, 1e-6, verbose=True)
         return h, C, n, m
 
-    q, k, v = (mx.zeros((B, H, D), dtype) for D in (Dqk, Dqk, Dv))
-    i, log_f = mx.zeros((B, H)), mx.zeros((B, H))
+    T = 3
+    q, k, v = (mx.zeros((B, T, H, D), dtype) for D in (Dqk, Dqk, Dv))
+    i, log_f = mx.zeros((B, T, H)), mx.zeros((B, T, H))
     return generated_metal_source(call, q, k, v, i, log_f, *_zero_state(B, H, Dqk, Dv))
 
 
@@ -72,7 +73,7 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
 )
 def test_step_kernel_passes_lint(dtype, Dqk, Dv):
     source = _step_source(step.source(METAL), dtype, Dqk, Dv)
-    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}>" in source
+    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}, 2, 3>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
 
@@ -80,9 +81,9 @@ def test_step_kernel_passes_lint(dtype, Dqk, Dv):
 @pytest.mark.parametrize(
     "breakage",
     [
-        ("den += q_a * n_a;", "den += q_a * n_a"),  # missing semicolon
-        ("C_out[at] = c;", "C_out[at] = c_new;"),  # undeclared name
-        ("const float c = ", "const float* c = "),  # type error
+        ("den += q_a * n_a[j];", "den += q_a * n_a[j]"),  # missing semicolon
+        ("= c[j];", "= c_new[j];"),  # undeclared name
+        ("const float v_d = ", "const float* v_d = "),  # type error
         ("metal::exp(-m_new)", "metal::expo(-m_new)"),  # no such built-in
     ],
 )

@@ -322,10 +322,10 @@ def mlx_lm_benchmark(folder, args, trials):
     """`mlx_lm benchmark` in its own process; its 'Averages' line as numbers."""
     import subprocess
 
-    from bench_startup import ENV, RUN_CLI
+    from bench_startup import ENV, RUN_CLI, cache_env
 
     cmd = [sys.executable, "-c", RUN_CLI, "benchmark", "--model", str(folder), *args, "-n", str(trials)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **cache_env(tool_caches(folder))}, timeout=900)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("Averages:")), None)
     if proc.returncode or line is None:
         return {"failed": (proc.stdout + proc.stderr)[-600:]}
@@ -360,6 +360,26 @@ def batch_generate_rows(folder, n=16):
     del model
     gc.collect()
     return out
+
+
+def tool_caches(folder):
+    """The kernel caches the CLI runs share (beside the folder): the server starts with the
+    kernels the benchmark runs compiled, as a user's later runs do."""
+    from pathlib import Path
+
+    return Path(folder).parent / "bench-caches"
+
+
+def server_rows(folder):
+    """`mlx_lm server` on the folder: 16 concurrent streaming requests of different lengths,
+    cold then warm, then 4 one by one (tools/bench_startup.py's server rows)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from bench_startup import server_rows as rows
+
+    args = SimpleNamespace(server_requests=16, server_max_tokens=128, prompt_tokens=1550)
+    return rows(Path(folder), "xlstm", tool_caches(folder), args)
 
 
 # ---- our side ------------------------------------------------------------------------------
@@ -491,6 +511,8 @@ def main():
     p.add_argument("--mlx-lm", default=None, help="a model folder to measure through mlx-lm's own tools")
     p.add_argument("--server-json", default=None, help="tools/bench_startup.py's JSON: its xLSTM server rows")
     p.add_argument("--peer-json", default=None, help="tools/bench_peer.py's JSON (the peer run in a call of its own)")
+    p.add_argument("--server", action="store_true", help="with --mlx-lm: also mlx_lm server, 16 concurrent streaming requests")
+    p.add_argument("--tools-only", action="store_true", help="only the rows through mlx-lm's tools (with --mlx-lm), no harness rows")
     p.add_argument("--json", default=None, help="write all numbers here")
     a = p.parse_args()
 
@@ -525,10 +547,12 @@ def main():
                 json.dump(dict(info=info, rows=rows), f, indent=1, default=str)
 
     save(rows)
-    ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
-    rows = ours + rows
-    ratios(rows, lengths)
-    save(rows)
+    model = None
+    if not a.tools_only:
+        ours, model = our_rows(a.shape, dtype, lengths, batches, steps, quant, loop_len)
+        rows = ours + rows
+        ratios(rows, lengths)
+        save(rows)
     if a.long:
         del model
         gc.collect()
@@ -541,7 +565,11 @@ def main():
         rows.append(mlx_lm_rows(a.mlx_lm))
         save(rows)
     server = None
-    if a.server_json:
+    if a.mlx_lm and a.server:
+        server = server_rows(a.mlx_lm)
+        rows.append(emit(dict(system="mlx_lm server, 16 concurrent streaming requests", **server)))
+        save(rows)
+    elif a.server_json:
         server = json.load(open(a.server_json))["models"]["xlstm"].get("server")
         rows.append(emit(dict(system="mlx_lm server, 16 concurrent streaming requests (tools/bench_startup.py)", **(server or {}))))
     result = dict(info=info, rows=rows, ratios=issue_ratios(rows, server))

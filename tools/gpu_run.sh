@@ -2,11 +2,14 @@
 # On the GPU machine (device tool), from the project root, after
 # `bash .device_mlx/p1/install_mlx_cuda.sh 1` (carry .device_mlx/p1): two calls back to back
 # (the machine stays warm ~30 s), each carrying .device_mlx/p2 and .whl (xlstm, mlstm_kernels):
-#   bash tools/gpu_run.sh startup   # MLX CUDA step 2, start-up vs a 7B llama (tools/bench_startup.py), ~7 min
-#   bash tools/gpu_run.sh peer      # the peer (tools/bench_peer.py: torch.compile takes ~3 min), kernel tests
-#   bash tools/gpu_run.sh steady    # our harness rows and mlx-lm's own tools (tools/bench.py), speculative
+#   bash tools/gpu_run.sh peer      # MLX CUDA step 2, the peer (tools/bench_peer.py: torch.compile
+#                                   # takes ~3 min), the 7B random folders, kernel and speculative tests
+#   bash tools/gpu_run.sh steady    # ours through mlx-lm's tools: benchmark, batch_generate, server
+#                                   # (tools/bench.py --tools-only); speculative decoding at 7B
+#   bash tools/gpu_run.sh harness   # the harness rows that explain them (floors, cell, eager/ops)
+#   bash tools/gpu_run.sh startup   # start-up vs a 7B llama (tools/bench_startup.py), ~7 min
 # (In one 330 s call, the peer's compile left no time for our rows: run H200-1 in BENCHMARKS.md.)
-# Results and logs go to $OUT; the model folders stay in /tmp/su for the second call. Each call
+# Results and logs go to $OUT; the model folders stay in /tmp/su for the later calls. Each call
 # ends within BUDGET seconds (default 430).
 set -o pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -28,17 +31,22 @@ if [ "$1" = startup ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench_startup.py --dir $WORK --shape 7b --json $WORK/startup.json 2>&1 | tee "$OUT/startup.log"
   cp $WORK/startup.json $WORK/server-*.log "$OUT/" 2>/dev/null
 elif [ "$1" = peer ]; then
-  timeout $(( $(left) - 90 )) python3 tools/bench_peer.py --shape 7b --prefill 8192 --batches 1,16 --json $WORK/peer.json 2>&1 | tee "$OUT/peer.log"
+  timeout $(( $(left) - 150 )) python3 tools/bench_peer.py --shape 7b --prefill 8192 --batches 1,16 --json $WORK/peer.json 2>&1 | tee "$OUT/peer.log"
   cp $WORK/peer.json "$OUT/" 2>/dev/null
+  python3 tools/random_models.py $WORK --shape 7b 2>&1 | tail -2
   # the kernel tests check the kernels themselves: no remembered first-use checks; speculative
   # decoding's exactness runs through the fused step and the compiled rounds there
   MLX_XLSTM_CACHE_DIR=$(mktemp -d) timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_speculative.py 2>&1 | tail -25 | tee "$OUT/test_kernels.log"
 elif [ "$1" = steady ]; then
-  timeout $(( $(left) - 100 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
-    --peer-json $WORK/peer.json --mlx-lm $WORK/xlstm --server-json $WORK/startup.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
-  if [ -f tools/bench_speculative.py ] && [ "$(left)" -gt 40 ]; then
+  timeout $(( $(left) - 150 )) python3 tools/bench.py --shape 7b --tools-only --mlx-lm $WORK/xlstm --server \
+    --peer-json $WORK/peer.json --json "$OUT/tools_7b.json" 2>&1 | tee "$OUT/tools_7b.log"
+  cp $WORK/server-xlstm.log "$OUT/" 2>/dev/null
+  if [ "$(left)" -gt 40 ]; then
     timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
   fi
+elif [ "$1" = harness ]; then
+  timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
+    --peer-json $WORK/peer.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
 else
   echo "usage: bash tools/gpu_run.sh startup|peer|steady" >&2; exit 2
 fi

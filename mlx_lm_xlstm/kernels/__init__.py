@@ -1,6 +1,6 @@
 """Fused kernels for the mLSTM cell: Metal and CUDA twins of two reference functions.
 
-  - `step.py`: the whole decode step (`mlstm.mlstm_step_ops`),
+  - `step.py`: the recurrence of decode steps and other short calls (`mlstm.mlstm_step_ops`),
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
     the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`.
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
@@ -69,28 +69,31 @@ def _fused_step(kernel, eps: float):
 
 
 def _step_shapes_fit(q, k, v, i, log_f, C, n, m) -> bool:
-    if C.ndim != 4 or C.dtype != _STATE_DTYPE:
+    if C.ndim != 4 or C.dtype != _STATE_DTYPE or q.ndim != 4:
         return False
     B, H, Dqk, Dv = C.shape
+    T = q.shape[1]
     return (
-        q.shape == k.shape == n.shape == (B, H, Dqk)
-        and v.shape == (B, H, Dv)
-        and i.shape == log_f.shape == m.shape == (B, H)
+        q.shape == k.shape == (B, T, H, Dqk)
+        and v.shape == (B, T, H, Dv)
+        and i.shape == log_f.shape == (B, T, H)
+        and n.shape == (B, H, Dqk)
+        and m.shape == (B, H)
         and n.dtype == m.dtype == _STATE_DTYPE
         and all(x.dtype in _INPUT_DTYPES for x in (q, k, v))
     )
 
 
-def _random_step_inputs(B=2, H=2, Dqk=16, Dv=40, dtype=mx.float32):
-    """A small random decode step with one masked sequence; state from a few random steps."""
+def _random_step_inputs(B=2, T=3, H=2, Dqk=16, Dv=40, dtype=mx.float32):
+    """A few random tokens with masked ones (all of sequence 0's second token); a random state."""
     keys = mx.random.split(mx.random.key(7), 9)
     normal = lambda key, shape, scale=1.0: scale * mx.random.normal(shape, key=key)
-    q, k = (normal(keys[j], (B, H, Dqk)).astype(dtype) for j in (0, 1))
-    v = normal(keys[2], (B, H, Dv)).astype(dtype)
-    i = normal(keys[3], (B, H), 3.0)
-    log_f = -mx.abs(normal(keys[4], (B, H)))
-    i[0] = _reference().MASKED_I
-    log_f[0] = 0.0
+    q, k = (normal(keys[j], (B, T, H, Dqk)).astype(dtype) for j in (0, 1))
+    v = normal(keys[2], (B, T, H, Dv)).astype(dtype)
+    i = normal(keys[3], (B, T, H), 3.0)
+    log_f = -mx.abs(normal(keys[4], (B, T, H)))
+    i[0, min(1, T - 1)] = _reference().MASKED_I
+    log_f[0, min(1, T - 1)] = 0.0
     C = normal(keys[5], (B, H, Dqk, Dv))
     n = normal(keys[6], (B, H, Dqk))
     m = normal(keys[7], (B, H))
@@ -119,9 +122,10 @@ def _all_close(got, want) -> bool:
 
 
 def _step_matches_ops() -> bool:
-    """The step kernel against the pure-MLX step (fp32 and bf16 inputs, a masked sequence)."""
-    for dtype in (mx.float32, mx.bfloat16):
-        args = _random_step_inputs(dtype=dtype)
+    """The step kernel against the pure-MLX steps (one token and three, fp32 and bf16 inputs,
+    masked steps)."""
+    for dtype, T in ((mx.float32, 1), (mx.float32, 3), (mx.bfloat16, 3)):
+        args = _random_step_inputs(T=T, dtype=dtype)
         want_h, want_state = _reference().mlstm_step_ops(*args)
         got_h, got_state = _step.launch(_step.kernel, *args, 1e-6)
         if not _all_close((got_h, *got_state), (want_h, *want_state)):
@@ -190,7 +194,7 @@ def mlstm_step_kernel_applies(q, k, v, i, log_f, C, n, m) -> bool:
 
 
 def mlstm_step_kernel(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """One decode step by the kernel; arguments and result as `mlstm.mlstm_step_ops`."""
+    """T recurrent steps by the kernel; arguments and result as `mlstm.mlstm_step_ops`."""
     h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
     return h, (C, n, m)
 

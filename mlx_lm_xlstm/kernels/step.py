@@ -1,14 +1,19 @@
-"""Fused mLSTM recurrent step (decode), one kernel for Metal and one for CUDA, same algorithm.
+"""Fused mLSTM recurrence (decode, and short calls such as a speculative verify call), one
+kernel for Metal and one for CUDA, same algorithm: `mlx_lm_xlstm.mlstm.mlstm_step_ops`.
 
 Decode is bound by memory traffic: per sequence and layer the state C is 4 MiB (xLSTM-7b),
-and the ops path reads and writes it several times. The kernel reads C once and writes the
-new C once, and forms the readout q·C and the denominator q·n on the way.
+and the ops path reads and writes it several times. The kernel reads C once into registers,
+runs all the call's tokens on it (STEPS: 1 when decoding, k + 1 for a verify call, which
+so costs about one step), forms the readouts q·C and the denominators q·n on the way, and
+writes the new C once. Loading every row before the first update keeps all those loads in
+flight at once: a loop that loads, updates and stores row by row waits on memory each row.
 
 Work split: a threadgroup of 32 x ROWS threads owns one (sequence, head) and 32 value
-columns; thread (x, y) walks the rows y, y + ROWS, ... of C for its column, so each warp
-reads 128 contiguous bytes a row. The ROWS partial readouts meet in threadgroup memory.
-Every threadgroup recomputes the gates, n and q·n of its head (Dqk values, cheap);
-the one that owns column 0 writes n and m.
+columns; thread (x, y) keeps the rows y, y + ROWS, ... of C for its column, so each warp
+reads 128 contiguous bytes a row. The ROWS partial readouts of a token meet in threadgroup
+memory. Every threadgroup recomputes the gates, n and q·n of its head (Dqk values, cheap);
+the one that owns column 0 writes n and m. Inputs and h are in the model's (B, T, H, D)
+layout (no transposes). STEPS is a launch argument on CUDA and a template constant on Metal.
 """
 
 import mlx.core as mx
@@ -21,56 +26,81 @@ ROWS = 8  # row slices of C per threadgroup: threadgroup = 32 x ROWS threads
 # Shared by both backends: only the spellings differ (spelling.py).
 _BODY = """
     const uint bh = GID_Z;
+    const uint b = bh / NH;
+    const uint head = bh % NH;
     const uint x = TID_X;
     const uint y = TID_Y;
     const uint d = GID_X;
     const bool live = d < DV;
-
-    const float m_prev = m[bh];
-    const float lf = log_f[bh];
-    const float ig = i[bh];
-    const float m_new = MAX(lf + m_prev, ig);
-    const float f_act = EXP(lf + m_prev - m_new);
-    const float i_act = EXP(ig - m_new);
     const float scale = RSQRT(float(DQK));
+    constexpr uint PER_THREAD = (DQK + ROWS - 1) / ROWS;
 
-    const float v_d = live ? float(v[bh * DV + d]) : 0.0f;
-    float num = 0.0f;
-    float den = 0.0f;
-    for (uint a = y; a < DQK; a += ROWS) {
-        const float k_a = i_act * float(k[bh * DQK + a]);
-        const float q_a = scale * float(q[bh * DQK + a]);
-        const float n_a = f_act * n[bh * DQK + a] + k_a;
-        den += q_a * n_a;
-        if (d == 0) {
-            n_out[bh * DQK + a] = n_a;
-        }
-        if (live) {
-            const size_t at = ((size_t)bh * DQK + a) * DV + d;
-            const float c = f_act * C[at] + k_a * v_d;
-            C_out[at] = c;
-            num += q_a * c;
-        }
+    float c[PER_THREAD];
+    float n_a[PER_THREAD];
+    #pragma unroll
+    for (uint j = 0; j < PER_THREAD; ++j) {
+        const uint a = y + j * ROWS;
+        c[j] = (live && a < DQK) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
+        n_a[j] = a < DQK ? n[bh * DQK + a] : 0.0f;
     }
+    float m_run = m[bh];
 
     SHARED float num_part[ROWS][32];
     SHARED float den_part[ROWS];
-    num_part[y][x] = num;
-    if (x == 0) {
-        den_part[y] = den;
+    for (uint t = 0; t < STEPS; ++t) {
+        const size_t at = ((size_t)b * STEPS + t) * NH + head;
+        const float lf = log_f[at];
+        const float ig = i[at];
+        const float m_new = MAX(lf + m_run, ig);
+        const float f_act = EXP(lf + m_run - m_new);
+        const float i_act = EXP(ig - m_new);
+        const float v_d = live ? float(v[at * DV + d]) : 0.0f;
+        float num = 0.0f;
+        float den = 0.0f;
+        #pragma unroll
+        for (uint j = 0; j < PER_THREAD; ++j) {
+            const uint a = y + j * ROWS;
+            if (a < DQK) {
+                const float k_a = i_act * float(k[at * DQK + a]);
+                const float q_a = scale * float(q[at * DQK + a]);
+                n_a[j] = f_act * n_a[j] + k_a;
+                den += q_a * n_a[j];
+                c[j] = f_act * c[j] + k_a * v_d;
+                num += q_a * c[j];
+            }
+        }
+        num_part[y][x] = num;
+        if (x == 0) {
+            den_part[y] = den;
+        }
+        BARRIER;
+        if (y == 0 && live) {
+            float total = 0.0f;
+            float q_n = 0.0f;
+            for (uint r = 0; r < ROWS; ++r) {
+                total += num_part[r][x];
+                q_n += den_part[r];
+            }
+            h[at * DV + d] = total / (MAX(ABS(q_n), EXP(-m_new)) + eps[0]);
+        }
+        BARRIER;
+        m_run = m_new;
     }
-    BARRIER;
-    if (y == 0 && live) {
-        float total = 0.0f;
-        float q_n = 0.0f;
-        for (uint r = 0; r < ROWS; ++r) {
-            total += num_part[r][x];
-            q_n += den_part[r];
+
+    #pragma unroll
+    for (uint j = 0; j < PER_THREAD; ++j) {
+        const uint a = y + j * ROWS;
+        if (a < DQK) {
+            if (live) {
+                C_out[((size_t)bh * DQK + a) * DV + d] = c[j];
+            }
+            if (d == 0) {
+                n_out[bh * DQK + a] = n_a[j];
+            }
         }
-        h[bh * DV + d] = total / (MAX(ABS(q_n), EXP(-m_new)) + eps[0]);
-        if (d == 0) {
-            m_out[bh] = m_new;
-        }
+    }
+    if (d == 0 && y == 0) {
+        m_out[bh] = m_run;
     }
 """
 
@@ -88,7 +118,7 @@ def _build():
     if mx.metal.is_available():
         return mx.fast.metal_kernel("mlstm_step", INPUTS, OUTPUTS, source(METAL))
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA))
+        return cuda.Kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA), runtime=["STEPS"])
     return None
 
 
@@ -97,17 +127,18 @@ BUILT = kernel = _build()
 
 
 def launch(kernel, q, k, v, i, log_f, C, n, m, eps, verbose=False):
-    """Run `kernel` (built from this module's source) on one decode step; shapes as in
-    `mlx_lm_xlstm.mlstm.mlstm_step_ops`. Returns h (B, H, Dv) fp32 and the new (C, n, m)."""
+    """Run `kernel` (built from this module's source) on T tokens; shapes as in
+    `mlx_lm_xlstm.mlstm.mlstm_step_ops`. Returns h (B, T, H, Dv) fp32 and the new (C, n, m)."""
     B, H, Dqk, Dv = C.shape
+    T = q.shape[1]
     f32 = mx.float32
     columns = -(-Dv // 32) * 32
     h, C, n, m = kernel(
         inputs=[q, k, v, i.astype(f32), log_f.astype(f32), C, n, m, mx.array([eps], f32)],
-        template=[("DQK", Dqk), ("DV", Dv)],
+        template=[("DQK", Dqk), ("DV", Dv), ("NH", H), ("STEPS", T)],
         grid=(columns, ROWS, B * H),
         threadgroup=(32, ROWS, 1),
-        output_shapes=[(B, H, Dv), C.shape, n.shape, m.shape],
+        output_shapes=[(B, T, H, Dv), C.shape, n.shape, m.shape],
         output_dtypes=[f32] * 4,
         verbose=verbose,
     )
