@@ -1,11 +1,11 @@
-"""Checkpoint names and checks: transformers' xLSTM-7b names, the fused weight layout, and
-the errors about missing, unexpected or misshaped tensors (both architectures)."""
+"""Checkpoint names and checks: transformers' xLSTM-7b names, the model's fused projections,
+and the errors about missing, unexpected or misshaped tensors (both architectures)."""
 
 import mlx.core as mx
 import mlx.nn as nn
 
 # transformers' names -> ours, which follow mlx-lm's (`layers.N.` for pipeline loading,
-# `down_proj`/`v_proj` for the mixed quantization recipes).
+# `down_proj` for the mixed quantization recipes).
 HF_TO_MLX = {
     "backbone.blocks.": "backbone.layers.",
     ".mlstm_layer.q.": ".mlstm_layer.q_proj.",
@@ -14,6 +14,18 @@ HF_TO_MLX = {
     ".ffn.proj_up_gate.": ".ffn.gate_proj.",
     ".ffn.proj_up.": ".ffn.up_proj.",
     ".ffn.proj_down.": ".ffn.down_proj.",
+    # weight_mode "fused" (transformers and NX-AI): already our fused layout, by other names
+    ".mlstm_layer.qkv_opreact.": ".mlstm_layer.qkvo_proj.",
+    ".mlstm_layer.ifgate_preact.": ".mlstm_layer.if_gate_preact.",
+    ".ffn.proj_up_gate_z.": ".ffn.gate_up_proj.",
+}
+
+# The model's fused projections and the single ones they hold, in row order: one matmul
+# instead of four (q, k, v, output gate), two (input and forget gates) and two (FFN).
+FUSED = {
+    "mlstm_layer.qkvo_proj": ("mlstm_layer.q_proj", "mlstm_layer.k_proj", "mlstm_layer.v_proj", "mlstm_layer.ogate_preact"),
+    "mlstm_layer.if_gate_preact": ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact"),
+    "ffn.gate_up_proj": ("ffn.gate_proj", "ffn.up_proj"),
 }
 
 
@@ -34,27 +46,45 @@ def hf_name(key: str) -> str:
     return key
 
 
-def split_fused(args, weights: dict) -> dict:
-    """weight_mode 'fused' -> the single layout (one way to hold the weights)."""
-    splits = {
-        "mlstm_layer.qkv_opreact": (
-            ["q", "k", "v", "ogate_preact"],
-            [args.qk_dim, 2 * args.qk_dim, 2 * args.qk_dim + args.v_dim],
-        ),
-        "mlstm_layer.ifgate_preact": (["igate_preact", "fgate_preact"], [args.num_heads]),
-        "ffn.proj_up_gate_z": (["proj_up_gate", "proj_up"], [args.ffn_dim]),
-    }
-    out = {}
+def fuse_projections(model: nn.Module, weights: dict, part_rows: dict, as_in_checkpoint=str) -> dict:
+    """The single projections (transformers' weight_mode 'single', our earlier conversions)
+    joined into the model's fused ones (FUSED), quantized ones too (weight, scales and
+    biases row by row); fused ones pass as they are. `part_rows[fused]`: each part's rows
+    as the config implies them; a part of another shape is named as the checkpoint names it."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    quantized = {k.rsplit(".", 1)[0] for k in weights if k.endswith(".scales")}
+    groups, out = {}, {}
     for key, value in weights.items():
-        for fused, (names, cuts) in splits.items():
-            if f".{fused}." in key:
-                prefix, param = key.split(f".{fused}.")
-                parent = fused.rsplit(".", 1)[0]
-                for name, part in zip(names, mx.split(value, cuts, axis=0)):
-                    out[f"{prefix}.{parent}.{name}.{param}"] = part
+        module, param = key.rsplit(".", 1)
+        for fused, parts in FUSED.items():
+            part = next((p for p in parts if module.endswith("." + p)), None)
+            if part is not None:
+                groups.setdefault((module[: -len(part)], fused, param), {})[part] = value
                 break
         else:
             out[key] = value
+    for (prefix, fused, param), found in groups.items():
+        names = {p: as_in_checkpoint(f"{prefix}{p}.{param}") for p in FUSED[fused]}
+        missing = [name for p, name in names.items() if p not in found]
+        if missing:
+            raise ValueError(f"xLSTM checkpoint does not match its config: missing tensors {missing}")
+        values = [found[p] for p in FUSED[fused]]
+        fused_key = f"{prefix}{fused}.{param}"
+        for part, rows, v in zip(FUSED[fused], part_rows[fused], values):
+            float_part = fused_key in expected and f"{prefix}{part}" not in quantized
+            implied = (rows, *(expected[fused_key].shape[1:] if float_part else v.shape[1:]))
+            if tuple(v.shape) != implied:
+                raise ValueError(
+                    f"xLSTM checkpoint: tensor '{names[part]}' has shape {tuple(v.shape)}, the config implies {implied}"
+                )
+        if len({v.dtype for v in values}) > 1:
+            raise ValueError(
+                f"xLSTM checkpoint: {list(names.values())} have different dtypes "
+                f"{[str(v.dtype) for v in values]}, but the model holds them as one matrix ({prefix}{fused})"
+            )
+        out[fused_key] = mx.concatenate(values, axis=0)
     return out
 
 

@@ -33,17 +33,18 @@ SHORT_CALL = 64
 
 
 class GateProjection(nn.Module):
-    """The input/forget gate pre-activation, one per head, in fp32.
+    """Gate pre-activations, one per head (and gate: xLSTM-7b holds the input and forget
+    gates' in one), in fp32.
 
     Not an nn.Linear on purpose: without `to_quantized`, no quantization recipe of
     mlx-lm touches it, and the exponential gates stay exact.
     """
 
-    def __init__(self, dims: int, num_heads: int):
+    def __init__(self, dims: int, outputs: int):
         super().__init__()
         scale = dims**-0.5  # nn.Linear's init
-        self.weight = mx.random.uniform(-scale, scale, (num_heads, dims))
-        self.bias = mx.random.uniform(-scale, scale, (num_heads,))
+        self.weight = mx.random.uniform(-scale, scale, (outputs, dims))
+        self.bias = mx.random.uniform(-scale, scale, (outputs,))
 
     def __call__(self, x):
         return mx.addmm(self.bias, x.astype(mx.float32), self.weight.astype(mx.float32).T)

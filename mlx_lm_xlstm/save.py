@@ -6,6 +6,7 @@ tests train.
 
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import save_config, save_model
@@ -35,12 +36,28 @@ def save_checkpoint(folder, model: nn.Module, config: dict, tokenizer=None, hf_n
 
 def _renamed(model: nn.Module) -> nn.Module:
     """`model`'s own layers (quantized ones included, so save_model counts their parameters
-    right) under transformers' names."""
-    from .large import hf_name
+    right) under transformers' names, the fused projections as transformers' single ones."""
+    import copy
+
+    from .checkpoint import FUSED, hf_name
 
     leaves = tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
+    single = []
+    for path, layer in leaves:
+        fused = next((f for f in FUSED if path.endswith("." + f)), None)
+        if fused is None:
+            single.append((path, layer))
+            continue
+        start, prefix = 0, path[: -len(fused)]
+        for part, rows in zip(FUSED[fused], model.part_rows[fused]):
+            piece = copy.copy(layer)
+            for name, value in layer.items():
+                if isinstance(value, mx.array):
+                    piece[name] = value[start : start + rows]
+            single.append((prefix + part, piece))
+            start += rows
     renamed = nn.Module()
-    for name, value in tree_unflatten([(hf_name(path + ".")[:-1], layer) for path, layer in leaves]).items():
+    for name, value in tree_unflatten([(hf_name(path + ".")[:-1], layer) for path, layer in single]).items():
         renamed[name] = value
     return renamed
 

@@ -26,9 +26,10 @@ def test_folder_loads_with_mlx_lm_and_gives_the_model(tmp_path, hf_names):
     folder = save_checkpoint(tmp_path / "m", model, config, tokenizer=fixtures.fixture_tokenizer(), hf_names=hf_names,
                              files={"notes.txt": "hello"})
     names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    # transformers' names (backbone.blocks.N, q, proj_up_gate) or ours (layers.N, q_proj, gate_proj)
+    # transformers' single names (backbone.blocks.N, q, proj_up_gate) or ours (layers.N, qkvo_proj, gate_up_proj)
     assert ("backbone.blocks.0.mlstm_layer.q.weight" in names) == hf_names
-    assert ("backbone.layers.0.mlstm_layer.q_proj.weight" in names) != hf_names
+    assert ("backbone.blocks.0.ffn.proj_up_gate.weight" in names) == hf_names
+    assert ("backbone.layers.0.mlstm_layer.qkvo_proj.weight" in names) != hf_names
     loaded, tokenizer = load(str(folder))
     assert mx.array_equal(loaded(IDS), model(IDS)).item()
     assert tokenizer.encode("def f") == fixtures.fixture_tokenizer().encode("def f")
@@ -45,7 +46,7 @@ def test_quantized_layers_keep_their_names_and_count(tmp_path):
     assert meta[0] == meta[1]  # same tensors and parameter count, other names
     assert "backbone.blocks.1.ffn.proj_down.scales" in json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
     loaded, _ = load_model(hf)
-    assert loaded.backbone.layers[0].mlstm_layer.q_proj.bits == 4
+    assert loaded.backbone.layers[0].mlstm_layer.qkvo_proj.bits == 4
     assert mx.array_equal(loaded(IDS), model(IDS)).item()
 
 

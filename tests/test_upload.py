@@ -59,16 +59,16 @@ def test_variants_have_the_asked_dtype_and_quantization(dry_run):
     assert "quantization" not in bf16
     assert q4["quantization"]["bits"] == 4 and q4["quantization"]["group_size"] == 32
     assert q4["eos_token_id"] == 0  # never "!" (id 2)
-    # mixed_3_6: 6 bits for lm_head and, in the last eighth of the blocks, v and the FFN down projection.
+    # mixed_3_6: 6 bits for lm_head and, in the last eighth of the blocks, the FFN down projection.
     q = mixed["quantization"]
     assert q["lm_head"]["bits"] == 6
-    assert q["backbone.layers.1.ffn.down_proj"]["bits"] == 6 and q["backbone.layers.1.mlstm_layer.v_proj"]["bits"] == 6
-    assert q["backbone.layers.0.ffn.down_proj"]["bits"] == 3 and q["backbone.layers.0.mlstm_layer.q_proj"]["bits"] == 3
+    assert q["backbone.layers.1.ffn.down_proj"]["bits"] == 6 and q["backbone.layers.1.mlstm_layer.qkvo_proj"]["bits"] == 3
+    assert q["backbone.layers.0.ffn.down_proj"]["bits"] == 3 and q["backbone.layers.0.mlstm_layer.qkvo_proj"]["bits"] == 3
     from mlx_lm_xlstm.info import safetensors_bytes
 
     tensors = safetensors_bytes(list(built.values())[2])
-    assert "backbone.layers.0.mlstm_layer.igate_preact.scales" not in tensors  # gates are never quantized
-    assert tensors["backbone.layers.0.mlstm_layer.igate_preact.weight"][0] == "float32"  # cast_predicate
+    assert "backbone.layers.0.mlstm_layer.if_gate_preact.scales" not in tensors  # gates are never quantized
+    assert tensors["backbone.layers.0.mlstm_layer.if_gate_preact.weight"][0] == "float32"  # cast_predicate
 
 
 def test_built_folders_load_and_match_the_source(source, dry_run):

@@ -68,8 +68,9 @@ def random_xlstm(config: dict, dtype=mx.bfloat16, seed: int = 0):
     def init(name, p):
         if "norm" in name:
             w = 1.0 + 0.1 * mx.random.normal(p.shape)
-        elif name.endswith("fgate_preact.bias"):
-            w = 3.0 + mx.random.normal(p.shape)  # forget gates mostly open: long memory
+        elif name.endswith("if_gate_preact.bias"):  # input gates, then forget gates: mostly open, long memory
+            H = p.shape[0] // 2
+            w = mx.concatenate([0.1 * mx.random.normal((H,)), 3.0 + mx.random.normal((H,))])
         elif name.endswith("bias"):
             w = 0.1 * mx.random.normal(p.shape)
         elif "embeddings" in name:

@@ -116,10 +116,8 @@ def init_weights(model, args):
     for name, p in tree_flatten(model.parameters()):
         if "gate_preact.weight" in name and "ogate" not in name:
             value = mx.zeros(p.shape)
-        elif "igate_preact.bias" in name:
-            value = mx.full(p.shape, -10.0)
-        elif "fgate_preact.bias" in name:
-            value = mx.linspace(3.0, 6.0, H)
+        elif "if_gate_preact.bias" in name:  # input gates, then forget gates
+            value = mx.concatenate([mx.full((H,), -10.0), mx.linspace(3.0, 6.0, H)])
         elif name.endswith(("proj_down.weight", "out_proj.weight")):
             value = wang * mx.random.normal(p.shape)
         elif name.endswith("norm.weight") or "norm_" in name or name.endswith(".bias"):

@@ -87,7 +87,7 @@ def convert_variant(source: Path, dst: Path, variant: str, group_size: int):
     from mlx_lm import convert
 
     bits, recipe = VARIANTS[variant]
-    # mlx-lm's own recipes: sanitize gives the layers the names they look for (v_proj, down_proj).
+    # mlx-lm's own recipes: they find down_proj and lm_head (v_proj is part of qkvo_proj).
     convert(
         str(source), str(dst), dtype="bfloat16", quantize=bits is not None, q_bits=bits, q_group_size=group_size,
         quant_predicate=recipe,

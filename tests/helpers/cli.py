@@ -20,11 +20,14 @@ ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "80", "HF_HUB
 
 
 def cli(*args, input=None, timeout=120, check=True, cwd=None) -> subprocess.CompletedProcess:
-    """`mlx_lm <args>` in a subprocess; raises with its output when it fails and check is set."""
+    """`mlx_lm <args>` in a subprocess; raises with its output when it fails and check is set.
+    Its output is decoded as printed: a generated carriage return stays one (text=True would
+    turn it into a newline)."""
     proc = subprocess.run(
-        [sys.executable, "-c", RUN_CLI, *map(str, args)], input=input, capture_output=True,
-        text=True, timeout=timeout, env=ENV, cwd=cwd,
+        [sys.executable, "-c", RUN_CLI, *map(str, args)], input=None if input is None else input.encode(),
+        capture_output=True, timeout=timeout, env=ENV, cwd=cwd,
     )
+    proc.stdout, proc.stderr = (out.decode(errors="replace") for out in (proc.stdout, proc.stderr))
     if check and proc.returncode != 0:
         raise AssertionError(f"mlx_lm {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

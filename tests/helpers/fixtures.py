@@ -126,8 +126,8 @@ def random_model_dir(path, seed=0, dtype="float32", q_bits=None, q_group_size=32
     cast = model.cast_predicate
 
     def init(name, w):
-        if name.endswith("fgate_preact.bias"):
-            w = w + 3.0  # forget gates open, as in trained checkpoints
+        if name.endswith("if_gate_preact.bias"):  # input gates, then forget gates
+            w = w + mx.repeat(mx.array([0.0, 3.0]), w.shape[0] // 2)  # forget gates open, as in trained checkpoints
         return w.astype(getattr(mx, dtype)) if cast(name) else w
 
     model.update(tree_map_with_path(init, model.parameters()))
