@@ -81,7 +81,7 @@ def test_step_kernel_passes_lint(dtype, Dqk, Dv):
 @pytest.mark.parametrize(
     "breakage",
     [
-        ("den += q_a * n_a[j];", "den += q_a * n_a[j]"),  # missing semicolon
+        ("num += q_s[a] * c[j];", "num += q_s[a] * c[j]"),  # missing semicolon
         ("= c[j];", "= c_new[j];"),  # undeclared name
         ("const float v_d = ", "const float* v_d = "),  # type error
         ("metal::exp(-m_new)", "metal::expo(-m_new)"),  # no such built-in

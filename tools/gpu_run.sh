@@ -2,8 +2,9 @@
 # On the GPU machine (device tool), from the project root, after
 # `bash .device_mlx/p1/install_mlx_cuda.sh 1` (carry .device_mlx/p1): two calls back to back
 # (the machine stays warm ~30 s), each carrying .device_mlx/p2 and .whl (xlstm, mlstm_kernels):
-#   bash tools/gpu_run.sh peer      # MLX CUDA step 2, the peer (tools/bench_peer.py: torch.compile
-#                                   # takes ~3 min), the 7B random folders, kernel and speculative tests
+#   bash tools/gpu_run.sh kernels   # MLX CUDA step 2, the kernel tests (first-use checks not remembered)
+#   bash tools/gpu_run.sh peer      # the peer (tools/bench_peer.py: torch.compile takes ~3 min),
+#                                   # the 7B random folders, speculative decoding's tests
 #   bash tools/gpu_run.sh steady    # ours through mlx-lm's tools: benchmark, batch_generate, server
 #                                   # (tools/bench.py --tools-only); speculative decoding at 7B
 #   bash tools/gpu_run.sh harness   # the harness rows that explain them (floors, cell, eager/ops)
@@ -34,9 +35,11 @@ elif [ "$1" = peer ]; then
   timeout $(( $(left) - 150 )) python3 tools/bench_peer.py --shape 7b --prefill 8192 --batches 1,16 --json $WORK/peer.json 2>&1 | tee "$OUT/peer.log"
   cp $WORK/peer.json "$OUT/" 2>/dev/null
   python3 tools/random_models.py $WORK --shape 7b 2>&1 | tail -2
-  # the kernel tests check the kernels themselves: no remembered first-use checks; speculative
-  # decoding's exactness runs through the fused step and the compiled rounds there
-  MLX_XLSTM_CACHE_DIR=$(mktemp -d) timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_speculative.py 2>&1 | tail -25 | tee "$OUT/test_kernels.log"
+  # speculative decoding's exactness through the fused step and the compiled rounds
+  timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_speculative.py 2>&1 | tail -25 | tee "$OUT/test_speculative.log"
+elif [ "$1" = kernels ]; then
+  # the kernels themselves: no remembered first-use checks
+  MLX_XLSTM_CACHE_DIR=$(mktemp -d) timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/test_kernels.log"
 elif [ "$1" = steady ]; then
   timeout $(( $(left) - 150 )) python3 tools/bench.py --shape 7b --tools-only --mlx-lm $WORK/xlstm --server \
     --peer-json $WORK/peer.json --json "$OUT/tools_7b.json" 2>&1 | tee "$OUT/tools_7b.log"
