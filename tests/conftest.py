@@ -1,5 +1,10 @@
 import importlib.util
+import os
 from functools import partial
+
+# fp32 means fp32 here: MLX's CUDA backend runs fp32 matmuls in TF32 by default, which
+# rounds a call of T tokens differently from calls of fewer (exactness tests compare them).
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import pytest
 
