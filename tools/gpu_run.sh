@@ -22,7 +22,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site"
 # mlx-lm's own CLIs find the plugin through its registration hook
 printf '%s\nimport mlx_lm_xlstm._hook\n' "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/mlx_lm_xlstm_dev.pth"
-WORK=/tmp/su
+WORK=/tmp/su; mkdir -p $WORK
 left() { echo $(( ${BUDGET:-430} - ($(date +%s) - started) )); }
 
 if [ "$1" = startup ]; then
