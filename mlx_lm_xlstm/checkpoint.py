@@ -5,7 +5,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 # transformers' names -> ours, which follow mlx-lm's (`layers.N.` for pipeline loading,
-# `down_proj` for the mixed quantization recipes).
+# `down_proj` for the mixed quantization recipes). The single projections get the names our
+# earlier conversions saved them under; FUSED then joins them into the model's.
 HF_TO_MLX = {
     "backbone.blocks.": "backbone.layers.",
     ".mlstm_layer.q.": ".mlstm_layer.q_proj.",
