@@ -3,9 +3,9 @@
 Per head the state is C (Dqk, Dv), n (Dqk) and the stabiliser m (scalar), always fp32.
 Gates, decays and the state are fp32; the chunkwise form's matmuls take bf16 inputs for a
 bf16 model (fp32 accumulation, as NX-AI's TFLA kernels do): tensor cores make prefill fast.
-Calls of at most SHORT_CALL tokens (decode steps, speculative verify calls) run in fp32:
-token by token in the step kernel where it applies (one pass over the state for the whole
-call), chunkwise otherwise.
+Calls of at most SHORT_CALL tokens (decode steps, speculative verify calls, short turns) run
+in fp32; those of at most STEP_CALL tokens token by token in the step kernel where it applies
+(one pass over the state for the whole call), the others chunkwise.
 Inside the cell the gates are `i` (the input-gate pre-activation) and `log_f` (logsigmoid of
 the forget-gate pre-activation). A masked step carries `i = MASKED_I` and `log_f = 0`: it
 leaves the state unchanged.
@@ -30,6 +30,11 @@ MIN_PIECE = 8
 # Calls of at most this many tokens run in fp32 even for a bf16 model, in the step kernel
 # where it applies.
 SHORT_CALL = 64
+# Calls of at most this many tokens run in the step kernel where it applies: a speculative
+# verify call (up to 16 drafts + 1) then costs one pass over the state. Not longer ones:
+# training differentiates the kernel through its token-by-token reference, whose memory
+# grows by a state per token; the chunkwise form's does not.
+STEP_CALL = 17
 
 
 class GateProjection(nn.Module):
@@ -228,7 +233,7 @@ def mlstm_update(
     q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) input- and forget-gate
     pre-activations; state: (C, n, m) or None for the zero state; mask: (B, T) or None
     (masked steps leave the state as it is).
-    Calls of at most SHORT_CALL tokens run token by token in the step kernel where it
+    Calls of at most STEP_CALL tokens run token by token in the step kernel where it
     applies; otherwise one token runs the recurrent step and more run chunkwise, in pieces
     of at most `max_piece` tokens (a working set bounded whatever the length, the same
     result as one pass). The fused kernels run where they apply, the compiled reference
@@ -248,7 +253,7 @@ def mlstm_update(
     if mask is not None:
         i = mx.where(mask[..., None], i, MASKED_I)
         log_f = mx.where(mask[..., None], log_f, 0.0)
-    if T == 1 or (T <= SHORT_CALL and _step_kernel_applies(q, k, v, i, log_f, state)):
+    if T == 1 or (T <= STEP_CALL and _step_kernel_applies(q, k, v, i, log_f, state)):
         return _step(q, k, v, i, log_f, state, eps)
     q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
     i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)

@@ -168,11 +168,11 @@ def test_a_cuda_binary_is_compiled_once_per_machine(monkeypatch, tmp_path):
 
 
 def test_short_calls_run_in_the_step_kernel_and_prompts_chunkwise(stand_in, monkeypatch):
-    """mlstm_update sends calls of up to SHORT_CALL tokens (a verify call) to the step
+    """mlstm_update sends calls of up to STEP_CALL tokens (a verify call) to the step
     kernel, longer ones to the chunkwise form; both give the reference's result."""
     kernel = stand_in()
     monkeypatch.setattr(kernels, "chunk_states_kernel_applies", lambda *state: False)
-    for T, in_kernel in ((1, True), (5, True), (ops.SHORT_CALL, True), (ops.SHORT_CALL + 1, False)):
+    for T, in_kernel in ((1, True), (5, True), (ops.STEP_CALL, True), (ops.STEP_CALL + 1, False), (ops.SHORT_CALL + 1, False)):
         q, k, v, i, _, C, n, m = random_step(2, 2, 8, 24, mx.float32, key=T, T=T)
         f = mx.random.normal(i.shape, key=mx.random.key(T))
         before = kernel.calls
