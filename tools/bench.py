@@ -25,6 +25,9 @@ Numbers:
                   the same step uncompiled, "ops" MLX_XLSTM_KERNELS=0 (plain pure-MLX)
   floor tok/s     MLX's bare matvec pass: every Linear of the model applied to a batch of
                   random vectors, all evaluated together, no recurrence (the decode ceiling)
+  decode cell us  one decode step's mLSTM cell per layer (step kernel where it applies),
+                  beside a plain elementwise pass over the same states ("state pass": the
+                  bytes the cell moves, at MLX's own kernel speed)
   peak GiB        mx.get_peak_memory() over that measurement
 """
 
@@ -146,6 +149,28 @@ def cell_ms(model, T=PREFILL_STEP):
     cell = mlstm._compiled_chunkwise_fused if fused else mlstm._compiled_chunkwise
     run = lambda: mx.eval([cell(q, k, v, i, log_f, *state, chunk_size=a.chunk_size) for _ in model.layers])
     return 1e3 * timed(run)
+
+
+def decode_cell_us(model, B):
+    """One decode step's mLSTM cell at the model's shapes, per layer: `mlstm_update` on one
+    token for every layer's state, in one compiled call, as the compiled decode step runs it;
+    and a plain elementwise pass over the same states (C read and written once: the bytes the
+    cell must move, at MLX's own kernel speed). Returns (cell us, state pass us)."""
+    from mlx_lm_xlstm import mlstm
+
+    a = model.args
+    H, Dqk, Dv, L = a.num_heads, a.qk_dim // a.num_heads, a.v_dim // a.num_heads, len(model.layers)
+    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+    keys = mx.random.split(mx.random.key(B), 5)
+    q, k = (mx.random.normal((B, 1, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
+    v = mx.random.normal((B, 1, H, Dv), key=keys[2]).astype(dtype)
+    i, f = mx.random.normal((B, 1, H), key=keys[3]), 3 + mx.random.normal((B, 1, H), key=keys[4])
+    states = [(0.01 * mx.random.normal((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H))) for _ in range(L)]
+    mx.eval(q, k, v, i, f, states)
+    cell = mx.compile(lambda states: [mlstm.mlstm_update(q, k, v, i, f, s)[1] for s in states])
+    state_pass = mx.compile(lambda states: [(s[0] * 0.999 + 1e-3, s[1], s[2]) for s in states])
+    us = lambda fn: 1e6 * timed(lambda: mx.eval(fn(states)), repeat=10) / L
+    return us(cell), us(state_pass)
 
 
 def step_loop_tok_s(model, T):
@@ -417,6 +442,7 @@ def add_decode(row, model, batches, steps, modes=("compiled", "eager", "ops")):
     for B in batches:
         floor = matvec_floor_tok_s(model, B)
         row[f"floor B={B}"] = floor
+        row[f"decode cell us/layer B={B}"], row[f"state pass us/layer B={B}"] = decode_cell_us(model, B)
         for mode in modes:
             label = f"decode B={B} {mode}"
             (tok_s, finite), peak = with_peak(
