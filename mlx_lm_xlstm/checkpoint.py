@@ -47,11 +47,12 @@ def hf_name(key: str) -> str:
     return key
 
 
-def fuse_projections(model: nn.Module, weights: dict, part_rows: dict, as_in_checkpoint=str) -> dict:
+def fuse_projections(model: nn.Module, weights: dict, as_in_checkpoint=str) -> dict:
     """The single projections (transformers' weight_mode 'single', our earlier conversions)
     joined into the model's fused ones (FUSED), quantized ones too (weight, scales and
-    biases row by row); fused ones pass as they are. `part_rows[fused]`: each part's rows
-    as the config implies them; a part of another shape is named as the checkpoint names it."""
+    biases row by row); fused ones pass as they are. `model.part_rows[fused]`: each part's
+    rows as the config implies them; a part of another shape is named as the checkpoint
+    names it."""
     from mlx.utils import tree_flatten
 
     expected = dict(tree_flatten(model.parameters()))
@@ -73,7 +74,7 @@ def fuse_projections(model: nn.Module, weights: dict, part_rows: dict, as_in_che
             raise ValueError(f"xLSTM checkpoint does not match its config: missing tensors {missing}")
         values = [found[p] for p in FUSED[fused]]
         fused_key = f"{prefix}{fused}.{param}"
-        for part, rows, v in zip(FUSED[fused], part_rows[fused], values):
+        for part, rows, v in zip(FUSED[fused], model.part_rows[fused], values):
             float_part = fused_key in expected and f"{prefix}{part}" not in quantized
             implied = (rows, *(expected[fused_key].shape[1:] if float_part else v.shape[1:]))
             if tuple(v.shape) != implied:

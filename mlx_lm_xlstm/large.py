@@ -309,7 +309,7 @@ class Model(RecurrentModel):
     def sanitize(self, weights: dict) -> dict:
         # Errors name tensors as the checkpoint does.
         as_in_checkpoint = hf_name if any(mlx_name(k) != k for k in weights) else str
-        weights = fuse_projections(self, {mlx_name(k): v for k, v in weights.items()}, self.part_rows, as_in_checkpoint)
+        weights = fuse_projections(self, {mlx_name(k): v for k, v in weights.items()}, as_in_checkpoint)
         if self.args.tie_word_embeddings and "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["backbone.embeddings.weight"]
         if "backbone.out_norm.weight" in weights and "out_norm" not in self.backbone:

@@ -85,7 +85,7 @@ def test_sanitize_joins_single_projections_in_row_order():
     single = {f"{layer}.{name}.weight": mx.random.normal((rows, D)) for name, rows in parts.items()}
     single.update({f"{layer}.{g}.bias": mx.random.normal((H,)) for g in ("igate_preact", "fgate_preact")})
     single.update({f"backbone.blocks.0.ffn.{p}.weight": mx.random.normal((F, D)) for p in ("proj_up_gate", "proj_up")})
-    fused = fuse_projections(model, {mlx_name(k): v for k, v in single.items()}, model.part_rows)
+    fused = fuse_projections(model, {mlx_name(k): v for k, v in single.items()})
     qkvo = fused["backbone.layers.0.mlstm_layer.qkvo_proj.weight"]
     assert mx.array_equal(qkvo, mx.concatenate([single[f"{layer}.{n}.weight"] for n in parts])).item()
     gates = fused["backbone.layers.0.mlstm_layer.if_gate_preact.bias"]
@@ -94,4 +94,4 @@ def test_sanitize_joins_single_projections_in_row_order():
     assert mx.array_equal(gate_up[:F], single["backbone.blocks.0.ffn.proj_up_gate.weight"]).item()
     del single[f"{layer}.v.weight"]
     with pytest.raises(ValueError, match=r"missing tensors \['backbone.blocks.0.mlstm_layer.v.weight'\]"):
-        fuse_projections(model, {mlx_name(k): v for k, v in single.items()}, model.part_rows, hf_name)
+        fuse_projections(model, {mlx_name(k): v for k, v in single.items()}, hf_name)

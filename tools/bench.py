@@ -113,11 +113,16 @@ def prefill_tok_s(model, T, repeat=3, step=PREFILL_STEP):
     return T / t, peak
 
 
+def activation_dtype(model):
+    """The dtype the model's layers compute in (a quantized model's: its scales')."""
+    return model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+
+
 def linears_pass_s(model, leading, repeat):
     """Seconds for every Linear of the model on random inputs of shape (*leading, its width),
     all evaluated together: the model's weight traffic and matmuls, nothing else."""
     layers = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+    dtype = activation_dtype(model)
     xs = []
     for j, layer in enumerate(layers):
         width = layer.weight.shape[1] * (32 // layer.bits if hasattr(layer, "bits") else 1)
@@ -160,7 +165,7 @@ def decode_cell_us(model, B):
 
     a = model.args
     H, Dqk, Dv, L = a.num_heads, a.qk_dim // a.num_heads, a.v_dim // a.num_heads, len(model.layers)
-    dtype = model.lm_head.scales.dtype if hasattr(model.lm_head, "scales") else model.lm_head.weight.dtype
+    dtype = activation_dtype(model)
     keys = mx.random.split(mx.random.key(B), 5)
     q, k = (mx.random.normal((B, 1, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
     v = mx.random.normal((B, 1, H, Dv), key=keys[2]).astype(dtype)
