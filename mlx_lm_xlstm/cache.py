@@ -4,7 +4,8 @@ window that lets speculative decoding trim it.
 ArraysCache rather than a class of ours: mlx-lm's batching (merge, extend, filter,
 extract) and prompt-cache files (which look class names up in mlx_lm.models.cache) take it
 as it is. Every slot is written on every call: `extract` and `merge` slice them all.
-`UndoableCache` is an ArraysCache to all of these (a batch or a file holds the plain one).
+`UndoableCache` is an ArraysCache to all of these; a batch holds a `BatchCache`, a file the
+plain one.
 """
 
 import copy
@@ -231,8 +232,8 @@ class UndoableCache(ArraysCache):
 
     @classmethod
     def merge(cls, caches):
-        # A batch is never trimmed: it holds the plain cache.
-        return ArraysCache.merge(caches)
+        # A batch is never trimmed.
+        return BatchCache.merge(caches)
 
     def __deepcopy__(self, memo):
         memo[id(self._replay)] = self._replay  # the layer's method: shared, not copied
@@ -250,6 +251,41 @@ class UndoableCache(ArraysCache):
         return super().nbytes + sum(x.nbytes for x in window)
 
 
+class BatchCache(ArraysCache):
+    """A batch's states, as mlx-lm's BatchGenerator merges them: an ArraysCache that counts
+    its sequences instead of keeping a left padding of zeros to know how many there are.
+
+    ArraysCache.merge gives a batch of new sequences that all-zero padding, and mlx-lm (which
+    right-pads batched prompts: `prepare(lengths=...)`) only clears it after a ragged prompt.
+    Kept, it made an all-true mask on every call: a batch of equal-length prompts, and every
+    mlx_lm.server request, decoded through the masked step, and each token added a
+    subtraction per layer (`advance`) to a graph never evaluated until the next prompt.
+    """
+
+    def __init__(self, size: int, batch_size: int = 0):
+        super().__init__(size)
+        self.size = batch_size
+
+    @classmethod
+    def merge(cls, caches):
+        merged = ArraysCache.merge(caches)
+        batch = cls(len(merged.cache), len(caches))
+        batch.cache = merged.cache
+        return batch
+
+    @property
+    def batch_size(self):
+        return self.size
+
+    def filter(self, batch_indices):
+        super().filter(batch_indices)
+        self.size = len(batch_indices)
+
+    def extend(self, other):
+        self.size += other.batch_size
+        super().extend(other)
+
+
 # Prompt-cache files store each layer's class name and look it up in mlx_lm.models.cache:
-# under ArraysCache's name this cache loads back as what its state is, a plain ArraysCache.
-UndoableCache.__name__ = "ArraysCache"
+# under ArraysCache's name these caches load back as what their state is, a plain ArraysCache.
+UndoableCache.__name__ = BatchCache.__name__ = "ArraysCache"

@@ -72,6 +72,34 @@ def test_ragged_right_padded_batch_equals_each_alone():
         np.testing.assert_allclose(np.array(batch_next[b]), np.array(alone_next[0]), atol=ATOL, rtol=RTOL)
 
 
+def test_a_batch_of_new_sequences_runs_unmasked_and_equals_each_alone():
+    """mlx-lm's BatchGenerator merges new caches: equal-length prompts then run with no mask
+    (the mask-free compiled step), and the batch keeps its size through extend and filter."""
+    from mlx_lm.generate import _extend_cache, _merge_caches
+
+    model = load_fixture("fused_bias")
+    rng = np.random.default_rng(4)
+    prompts = mx.array(rng.integers(2, fixtures.VOCAB, (3, 9)))
+    batch = _merge_caches([model.make_cache() for _ in range(3)])
+    assert batch[0].make_mask(9) is None and batch[0].batch_size == 3
+    logits = [model(prompts, cache=batch)[:, -1:]]
+    batch = _extend_cache(batch, _merge_caches([model.make_cache()]))  # a new request joins
+    assert batch[0].batch_size == 4 and batch[0].cache[0].shape[0] == 4
+    for c in batch:
+        c.filter([0, 1, 2])
+    for t in range(3):
+        assert batch[0].make_mask(1) is None
+        logits.append(model(mx.array([[t + 2], [t + 3], [t + 4]]), cache=batch))
+    for b in range(3):
+        cache = model.make_cache()
+        alone = [model(prompts[b : b + 1], cache=cache)[:, -1:]]
+        alone += [model(mx.array([[t + 2 + b]]), cache=cache) for t in range(3)]
+        np.testing.assert_allclose(
+            np.array(mx.concatenate([x[b : b + 1] for x in logits], axis=1)),
+            np.array(mx.concatenate(alone, axis=1)), atol=ATOL, rtol=RTOL,
+        )
+
+
 def test_zero_filled_merge_slot_is_the_initial_state():
     """mlx-lm merges caches by filling empty slots with zeros: that must equal a fresh start."""
     model = load_fixture("single")
