@@ -275,7 +275,7 @@ class BatchCache(ArraysCache):
 
     @property
     def batch_size(self):
-        return self.size
+        return self.size if self.empty() else super().batch_size
 
     def filter(self, batch_indices):
         super().filter(batch_indices)
