@@ -25,6 +25,8 @@ Numbers:
                   the same step uncompiled, "ops" MLX_XLSTM_KERNELS=0 (plain pure-MLX)
   floor tok/s     MLX's bare matvec pass: every Linear of the model applied to a batch of
                   random vectors, all evaluated together, no recurrence (the decode ceiling)
+  launches/layer  kernel launches per layer of one decode step (compiled) or one 2048-token
+                  prefill step: the nodes of its graph (mx.export_to_dot) but views
   decode cell us  one decode step's mLSTM cell per layer (step kernel where it applies),
                   beside a plain elementwise pass over the same states ("state pass": the
                   bytes the cell moves, at MLX's own kernel speed)
@@ -176,6 +178,34 @@ def decode_cell_us(model, B):
     state_pass = mx.compile(lambda states: [(s[0] * 0.999 + 1e-3, s[1], s[2]) for s in states])
     us = lambda fn: 1e6 * timed(lambda: mx.eval(fn(states)), repeat=10) / L
     return us(cell), us(state_pass)
+
+
+# Graph nodes that are views of their input, not kernels.
+VIEWS = {"Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose", "Slice", "Broadcast",
+         "AsStrided", "Split", "StopGradient", "Depends"}
+
+
+def launches(outputs) -> int:
+    """Kernel launches in the graph that evaluates `outputs`: its nodes but views (a compiled
+    function's fused elementwise run counts once; a matmul as one, whatever MLX splits it into)."""
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "graph.dot")
+        mx.export_to_dot(path, *outputs)
+        labels = re.findall(r'\[label ="(\w+)", shape=rectangle\]', open(path).read())
+    return sum(label not in VIEWS for label in labels)
+
+
+def launches_per_layer(model, T, B=1):
+    """Kernel launches of one call on T tokens after a prompt (T = 1: the compiled decode step;
+    T = PREFILL_STEP: a prefill step), divided by the number of layers."""
+    _, cache = prefill(model, tokens(B, 8, model.args.vocab_size, seed=B))
+    logits = model(tokens(B, T, model.args.vocab_size, seed=T), cache=cache)
+    count = launches([logits, *[a for c in cache for a in c.cache]])
+    mx.eval(logits, [c.cache for c in cache])
+    return count / len(model.layers)
 
 
 def step_loop_tok_s(model, T):
@@ -426,6 +456,7 @@ def our_rows(shape, dtype, lengths, batches, steps, quant_bits, loop_len):
         row[f"GEMM floor {T}"] = gemm_floor_tok_s(model, T)
         row[f"prefill {T} one pass / GEMM floor"] = row[f"prefill {T} one pass"] / row[f"GEMM floor {T}"]
     if lengths:
+        row[f"launches/layer, {PREFILL_STEP}-token step"] = launches_per_layer(model, PREFILL_STEP)
         row[f"cell ms, {PREFILL_STEP} tokens, all layers"] = cell_ms(model)
         row[f"cell ms, {PREFILL_STEP} tokens, all layers, no kernel"] = _no_chunk_kernel(lambda: cell_ms(model))
     if loop_len:
@@ -447,6 +478,7 @@ def add_decode(row, model, batches, steps, modes=("compiled", "eager", "ops")):
     for B in batches:
         floor = matvec_floor_tok_s(model, B)
         row[f"floor B={B}"] = floor
+        row[f"launches/layer, decode step B={B}"] = launches_per_layer(model, 1, B)
         row[f"decode cell us/layer B={B}"], row[f"state pass us/layer B={B}"] = decode_cell_us(model, B)
         for mode in modes:
             label = f"decode B={B} {mode}"

@@ -1,0 +1,25 @@
+"""The benchmark's own counters (tools/bench.py): what its harness rows report must hold."""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import bench  # noqa: E402
+
+
+def test_launches_count_kernels_not_views():
+    x = mx.random.normal((4, 8))
+    assert bench.launches([mx.exp(x) + 1]) > 2  # x's own graph is part of it until evaluated
+    mx.eval(x)
+    assert bench.launches([mx.exp(x) + 1]) == 2
+    assert bench.launches([(x.T + 1).reshape(32)]) == 1
+    fused = mx.compile(lambda x: mx.exp(x) * 2 + 1)
+    assert bench.launches([fused(x)]) == 1
+
+
+def test_launches_per_layer_of_the_decode_step_are_fewer_than_of_a_prompt_step():
+    model = bench.build_model("tiny", mx.float32)
+    decode, prompt = bench.launches_per_layer(model, 1), bench.launches_per_layer(model, 64)
+    assert 5 < decode < prompt
