@@ -282,8 +282,9 @@ class BatchCache(ArraysCache):
         self.size = len(batch_indices)
 
     def extend(self, other):
-        self.size += other.batch_size
+        size = self.batch_size + other.batch_size
         super().extend(other)
+        self.size = size
 
 
 # Prompt-cache files store each layer's class name and look it up in mlx_lm.models.cache:

@@ -85,6 +85,8 @@ def test_a_batch_of_new_sequences_runs_unmasked_and_equals_each_alone():
     logits = [model(prompts, cache=batch)[:, -1:]]
     batch = _extend_cache(batch, _merge_caches([model.make_cache()]))  # a new request joins
     assert batch[0].batch_size == 4 and batch[0].cache[0].shape[0] == 4
+    waiting = _extend_cache(_merge_caches([model.make_cache()] * 2), batch)  # new ones, then these
+    assert waiting[0].batch_size == 6 and waiting[0].cache[0].shape[0] == 6
     for c in batch:
         c.filter([0, 1, 2])
     for t in range(3):
