@@ -38,7 +38,9 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
+import tempfile
 import time
 
 import mlx.core as mx
@@ -188,9 +190,6 @@ VIEWS = {"Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose"
 def launches(outputs) -> int:
     """Kernel launches in the graph that evaluates `outputs`: its nodes but views (a compiled
     function's fused elementwise run counts once; a matmul as one, whatever MLX splits it into)."""
-    import re
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "graph.dot")
         mx.export_to_dot(path, *outputs)
