@@ -27,8 +27,8 @@ from . import kernels
 MASKED_I = -1e30
 # The shortest piece the chunkwise form runs: shorter prompts are padded up to it.
 MIN_PIECE = 8
-# Calls of at most this many tokens run in fp32 even for a bf16 model, in the step kernel
-# where it applies.
+# Calls of at most this many tokens run in fp32 even for a bf16 model (the chunkwise form
+# in fp32 above STEP_CALL tokens).
 SHORT_CALL = 64
 # Calls of at most this many tokens run in the step kernel where it applies: a speculative
 # verify call (up to 16 drafts + 1) then costs one pass over the state. Not longer ones:
