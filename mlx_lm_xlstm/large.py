@@ -320,6 +320,11 @@ class Model(RecurrentModel):
         report_unquantized(self, weights)
         return weights
 
+    def warm_up_config(self) -> dict:
+        # Two blocks: the first (fed by the embedding) and the others make different kernels.
+        config = super().warm_up_config()
+        return {**config, **{name: min(config[name], 2) for name in ("num_hidden_layers", "num_blocks") if config[name] is not None}}
+
     @property
     def part_rows(self) -> dict:
         """The rows of each single projection in its fused one (checkpoint.FUSED)."""

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import kernels, warm_up
 
 # Finite rather than -inf: a chunk whose steps are all masked must stay NaN-free.
 MASKED_I = -1e30
@@ -57,8 +57,14 @@ class GateProjection(nn.Module):
 
 
 def fast_path_enabled() -> bool:
-    """False when the user forces the plain pure-MLX path with MLX_XLSTM_KERNELS=0."""
-    return os.environ.get("MLX_XLSTM_KERNELS", "1").strip() != "0"
+    """False when the user forces the plain pure-MLX path with MLX_XLSTM_KERNELS=0, and while
+    this machine builds the fast path's kernels in the background (`warm_up`)."""
+    return os.environ.get("MLX_XLSTM_KERNELS", "1").strip() != "0" and not warm_up.waiting()
+
+
+def log_sigmoid(x):
+    """nn.log_sigmoid's function, not its `mx.compile`d function: the plain path compiles no kernel."""
+    return -mx.logaddexp(-x, 0.0)
 
 
 def mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=1e-6):
@@ -248,7 +254,7 @@ def mlstm_update(
             mx.zeros((B, H, Dqk), mx.float32),
             mx.zeros((B, H), mx.float32),
         )
-    log_f = nn.log_sigmoid(f.astype(mx.float32))
+    log_f = log_sigmoid(f.astype(mx.float32))
     i = i.astype(mx.float32)
     if mask is not None:
         i = mx.where(mask[..., None], i, MASKED_I)

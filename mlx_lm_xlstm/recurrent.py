@@ -8,6 +8,7 @@ each block that keeps a state, with its `cache_slots`).
 """
 
 import copy
+import dataclasses
 import functools
 from typing import Any, List, Optional
 
@@ -16,6 +17,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
+from . import warm_up
 from .cache import StepInputs, keep_inputs, speculative_call
 from .mlstm import fast_path_enabled
 
@@ -96,11 +98,15 @@ class RecurrentModel(nn.Module):
         super().__init__()
         self.decode_step = CompiledDecode()
         self.trim_replays = CompiledReplays(self)
+        self.warm_up_started = False
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         T = inputs.shape[1]
         if T == 0:
             raise ValueError("xLSTM: the prompt is empty (0 tokens); give the model at least one token")
+        if not self.warm_up_started:
+            self.warm_up_started = True
+            warm_up.start(self)
         mask = create_ssm_mask(inputs, cache[0] if cache else None)
         fresh = not cache or cache[0].empty()
         if not fresh:
@@ -118,6 +124,11 @@ class RecurrentModel(nn.Module):
         """Decode steps run as one compiled function, unless split over ranks or the user
         asked for the plain ops path (MLX_XLSTM_KERNELS=0)."""
         return fast_path_enabled() and not self.distributed and self.model.pipeline_size == 1
+
+    def warm_up_config(self) -> dict:
+        """The config of the copy `warm_up` builds this model's kernels with: the same
+        constants and head shapes, a vocabulary of 64 (a model may cut its depth too)."""
+        return {**dataclasses.asdict(self.args), "vocab_size": 64}
 
     def make_cache(self):
         return [layer.cache_slots.make_cache(self.trim_replays.of(layer)) for layer in self.recurrent_layers]

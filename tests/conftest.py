@@ -5,6 +5,9 @@ from functools import partial
 # fp32 means fp32 here: MLX's CUDA backend runs fp32 matmuls in TF32 by default, which
 # rounds a call of T tokens differently from calls of fewer (exactness tests compare them).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+# The fast path from the first call, kernels built where needed (tests compare the two paths;
+# tests/test_warm_up.py runs the background build of a first run on purpose).
+os.environ.setdefault("MLX_XLSTM_WARM_UP", "0")
 
 import pytest
 

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from ..cache import StateSlots
 from ..distributed import gather_channels, local_channels, split_channels
-from ..mlstm import fast_path_enabled
+from ..mlstm import fast_path_enabled, log_sigmoid
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm
 
 NUM_GATES = 4
@@ -27,7 +27,7 @@ NUM_GATES = 4
 def slstm_pointwise(raw, c, n, m):
     """raw: (B, NH, 4, DH) gate pre-activations; c, n, m: (B, NH, DH). Returns y, c, n, m."""
     i_raw, f_raw, z_raw, o_raw = (raw[..., g, :] for g in range(NUM_GATES))
-    log_f_plus_m = m + nn.log_sigmoid(f_raw)
+    log_f_plus_m = m + log_sigmoid(f_raw)
     # The reference takes m = i_raw on its first step (n == 0): the same outputs, and no
     # exp overflow when f opens far more than i.
     m_new = mx.where(n == 0, i_raw, mx.maximum(i_raw, log_f_plus_m))

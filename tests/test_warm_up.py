@@ -1,0 +1,96 @@
+"""A machine's first run: the plain path while a background process builds the fast path's
+kernels (mlx_lm_xlstm.warm_up), then the fast path with nothing left to compile."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from mlx_lm_xlstm import mlstm, warm_up
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "xlstm-stdlib"
+GENERATE = ["-m", "mlx_lm", "generate", "--model", str(DEMO), "--ignore-chat-template", "--prompt", "def main(",
+            "--max-tokens", "24"]
+
+
+def cpu_kernels(tmp: Path) -> int:
+    """The CPU kernels MLX compiled under this temp folder (it keeps one .so each)."""
+    return sum(1 for _ in tmp.rglob("mlx/*/cpu/*.so"))
+
+
+def generate(env: dict) -> str:
+    proc = subprocess.run([sys.executable, *GENERATE], env=env, capture_output=True, text=True, timeout=300, check=True)
+    return proc.stdout.split("==========")[1]
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="Metal keeps no kernel on disk: no background build there")
+def test_a_first_run_starts_at_once_and_a_later_one_compiles_nothing(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "MLX_XLSTM_CACHE_DIR": str(tmp_path / "cache"),
+           "MLX_XLSTM_WARM_UP": "1", "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "tmp").mkdir()
+    first = generate(env)
+    # The first run compiled only what the plain path needs (mlx-lm's compiled swiglu)...
+    assert cpu_kernels(tmp_path) <= 2
+    root = next((tmp_path / "cache").glob("mlx-*/warm-up"))
+    deadline = time.monotonic() + 240
+    while not list(root.glob("*.done")):
+        assert not list(root.glob("*.failed")), next(root.glob("*.failed")).read_text()
+        assert time.monotonic() < deadline, (root / next(root.glob("*.log")).name).read_text()
+        time.sleep(0.5)
+    assert not list(root.glob("*.lock")) and not [p for p in root.iterdir() if p.is_dir()]  # nothing left half-done
+    built = cpu_kernels(tmp_path)
+    assert built > 10
+    # ...the later run, on the fast path, finds every kernel it needs and says the same.
+    assert generate(env) == first
+    assert cpu_kernels(tmp_path) == built
+    # Without the background build, a first run compiles those kernels itself.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    generate({**env, "TMPDIR": str(alone), "MLX_XLSTM_CACHE_DIR": str(tmp_path / "cache2"), "MLX_XLSTM_WARM_UP": "0"})
+    assert cpu_kernels(alone) > 10
+
+
+def test_the_copy_has_two_blocks_and_the_models_dtypes_and_quantization():
+    from mlx_lm.utils import load_model, quantize_model
+
+    model, config = load_model(DEMO)
+    model, _ = quantize_model(model, config, 32, 4)
+    spec = warm_up.spec(model)
+    copy = warm_up.build(spec)
+    assert len(copy.layers) == 2 and copy.args.vocab_size == 64
+    assert warm_up.spec(copy)["dtypes"] == spec["dtypes"]
+    assert warm_up.spec(copy)["quantized"] == spec["quantized"] != {}
+    kinds = {type(m).__name__ for _, m in copy.named_modules()}
+    assert "QuantizedLinear" in kinds and "Linear" not in kinds
+
+
+def test_the_plain_path_runs_while_a_build_is_pending(tmp_path, monkeypatch):
+    assert mlstm.fast_path_enabled()
+    monkeypatch.setattr(warm_up, "_pending", {"k": tmp_path})
+    monkeypatch.setattr(warm_up, "_next_look", 0.0)
+    assert not mlstm.fast_path_enabled()
+    (tmp_path / "k.failed").write_text("a build that failed: the fast path compiles where it runs")
+    monkeypatch.setattr(warm_up, "_next_look", 0.0)
+    assert mlstm.fast_path_enabled() and warm_up._pending == {}
+
+
+def test_a_failed_build_says_why_and_cleans_up(tmp_path):
+    private = tmp_path / "k-private"
+    private.mkdir()
+    (tmp_path / "k.lock").touch()
+    (private / "spec.json").write_text('{"key": "k", "spec": {"config": {"model_type": "xlstm"}}, "moves": []}')
+    with pytest.raises(Exception):
+        warm_up._background(private / "spec.json")
+    assert "Traceback" in (tmp_path / "k.failed").read_text()
+    assert not (tmp_path / "k.lock").exists() and not private.exists()
+
+
+def test_log_sigmoid_is_nn_s():
+    x = mx.array([-80.0, -3.0, 0.0, 2.5, 40.0])
+    assert mx.array_equal(mlstm.log_sigmoid(x), nn.log_sigmoid(x))
