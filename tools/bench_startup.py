@@ -8,7 +8,8 @@ there, then for each model:
   generate   fresh `mlx_lm generate --verbose True` processes, one prompt of --prompt-tokens:
              "first run" with every cache the fast path writes empty (MLX's kernel caches,
              MLX_PTX_CACHE_DIR and the temp folder, and this package's, MLX_XLSTM_CACHE_DIR),
-             "later run" with those folders as the first run left them; the xLSTM also with
+             "later run" with those folders as the first run left them (after the xLSTM's
+             background kernel build, which the first run starts, is done); the xLSTM also with
              MLX_XLSTM_KERNELS=0. Time to first token = prompt tokens / prompt tok/s. The
              session and the server below start from the folders as these runs left them.
   session    one process (`session` below): prompts of new lengths, each then repeated
@@ -106,9 +107,19 @@ def generate_once(folder: Path, prompt: str, caches: Path, max_tokens: int, extr
             "cached_files_after": cached_files(caches), "warnings": [l for l in proc.stderr.splitlines() if "arn" in l][:5]}
 
 
+def wait_for_background_build(caches: Path, timeout: float = 900) -> float:
+    """Seconds until the kernels' background build that an xLSTM first run starts
+    (mlx_lm_xlstm.warm_up) is done: a later run is one on a machine that has them."""
+    start = time.perf_counter()
+    while any(caches.rglob("warm-up/*.lock")) and time.perf_counter() - start < timeout:
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
 def generate_rows(folder: Path, name: str, prompt: str, caches: Path, max_tokens: int, variants) -> dict:
     """First run (`caches` fresh), then a later run on what it left."""
     rows = {"first_run": generate_once(folder, prompt, caches, max_tokens)}
+    rows["first_run"]["background_build_s_after"] = wait_for_background_build(caches)
     rows["later_run"] = generate_once(folder, prompt, caches, max_tokens)
     for label, env in variants.items():
         rows[label] = generate_once(folder, prompt, caches, max_tokens, env)
