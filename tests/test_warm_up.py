@@ -94,3 +94,12 @@ def test_a_failed_build_says_why_and_cleans_up(tmp_path):
 def test_log_sigmoid_is_nn_s():
     x = mx.array([-80.0, -3.0, 0.0, 2.5, 40.0])
     assert mx.array_equal(mlstm.log_sigmoid(x), nn.log_sigmoid(x))
+
+
+def test_a_paper_stack_copies_too():
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(ROOT / "tests" / "fixtures" / "paper_mixed")
+    copy = warm_up.build(warm_up.spec(model))
+    assert copy.args.vocab_size == 64 and copy.args.slstm_at == model.args.slstm_at
+    assert warm_up.spec(copy)["dtypes"] == warm_up.spec(model)["dtypes"]
