@@ -22,7 +22,6 @@ the process that needs them) the fast path runs from the first call.
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
