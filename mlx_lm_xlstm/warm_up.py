@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .kernels.cuda import cache_dir
+from .kernels.cuda import cache_dir, device_signature
 
 # A lock older than this is a build that died without cleaning up.
 STALE_LOCK_S = 900
@@ -92,9 +92,7 @@ def _sources_digest() -> str:
 
 
 def _key(model_spec: dict) -> str:
-    info = mx.device_info()
-    device = [str(info.get(k)) for k in ("device_name", "architecture", "compute_capability_major", "compute_capability_minor")]
-    text = json.dumps([mx.__version__, str(mx.default_device()), device, _sources_digest(), model_spec], sort_keys=True)
+    text = json.dumps([mx.__version__, str(mx.default_device()), device_signature(), _sources_digest(), model_spec], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

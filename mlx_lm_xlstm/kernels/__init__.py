@@ -155,9 +155,7 @@ def _verdict_file(name: str):
     module = _MODULES[name]
     if module.kernel is not module.BUILT:  # a kernel a test stands in is always checked
         return None
-    info = mx.device_info()
-    device = [str(info.get(k)) for k in ("device_name", "architecture", "compute_capability_major", "compute_capability_minor")]
-    text = Path(module.__file__).read_text() + _cuda.PRELUDE + "|".join(device)
+    text = Path(module.__file__).read_text() + _cuda.PRELUDE + _cuda.device_signature()
     return _cuda.cache_dir() / "checks" / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 

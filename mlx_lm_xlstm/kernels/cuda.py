@@ -50,6 +50,12 @@ def cache_dir() -> Path:
     return Path(root) / f"mlx-{mx.__version__}"
 
 
+def device_signature() -> str:
+    """The GPU (name, architecture, compute capability) as keys of what is kept on disk say it."""
+    info = mx.device_info()
+    return "|".join(str(info.get(k)) for k in ("device_name", "architecture", "compute_capability_major", "compute_capability_minor"))
+
+
 def _architecture():
     info = mx.device_info()
     return int(info["compute_capability_major"]), int(info["compute_capability_minor"])
