@@ -129,24 +129,27 @@ def _take_lock(lock: Path) -> bool:
     return True
 
 
-def start(model, wait: bool = False) -> bool:
+def start(model, wait: bool = False):
     """Start the background build for `model` unless this machine has it; from then on, until
-    it is done, `waiting()` says so. Returns whether the model has to wait (or, with `wait`,
-    builds in the foreground and returns False)."""
+    it is done, `waiting()` says so. With `wait`, build in the foreground (or wait for the
+    process that is building it)."""
     if not enabled() and not wait:
-        return False
+        return
     model_spec = spec(model)
     key, root = _key(model_spec), _root()
     if _done(root, key):
-        return False
+        return
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if not _take_lock(root / f"{key}.lock"):
-            _pending[key] = root  # another process is building it
-            return not wait or _wait_for(root, key)
+        if not _take_lock(root / f"{key}.lock"):  # another process is building it
+            if wait:
+                _wait_for(root, key)
+            else:
+                _pending[key] = root
+            return
         private = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=root))
     except OSError:  # a read-only cache folder: build where needed, as without this
-        return False
+        return
     moves = []
     env = dict(os.environ, MLX_XLSTM_WARM_UP="0", PYTHONWARNINGS="ignore")
     for j, (variable, folder) in enumerate(_user_caches()):
@@ -161,15 +164,13 @@ def start(model, wait: bool = False) -> bool:
         )
     if wait:
         proc.wait()
-        return False
-    _pending[key] = root
-    return True
+    else:
+        _pending[key] = root
 
 
-def _wait_for(root: Path, key: str) -> bool:
+def _wait_for(root: Path, key: str):
     while not _done(root, key) and (root / f"{key}.lock").exists():
         time.sleep(POLL_S)
-    return False
 
 
 def exercise(model):
