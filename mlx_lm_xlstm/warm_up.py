@@ -247,7 +247,7 @@ def _background(spec_path: Path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Build the fast path's kernels for an xLSTM model on this machine.")
+    parser = argparse.ArgumentParser(prog="python -m mlx_lm_xlstm.warm_up", description="Build the fast path's kernels for an xLSTM model on this machine.")
     parser.add_argument("model", nargs="?", help="a model folder (or Hugging Face repo) mlx-lm loads")
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)  # the background build's job
     args = parser.parse_args()
@@ -255,6 +255,14 @@ def main():
         return _background(args.spec)
     if not args.model:
         parser.error("give a model folder")
+    folder = Path(args.model).expanduser()
+    if folder.exists() or args.model.startswith(("/", ".", "~")):  # a path, not a Hugging Face repo
+        from .info import read_config
+
+        try:
+            read_config(folder)  # names a missing folder or config, or a model that is not an xLSTM
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
     from mlx_lm import load
 
     model, _ = load(args.model, lazy=True)  # the spec needs the dtypes, not the weights

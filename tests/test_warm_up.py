@@ -103,3 +103,11 @@ def test_a_paper_stack_copies_too():
     copy = warm_up.build(warm_up.spec(model))
     assert copy.args.vocab_size == 64 and copy.args.slstm_at == model.args.slstm_at
     assert warm_up.spec(copy)["dtypes"] == warm_up.spec(model)["dtypes"]
+
+
+def test_the_cli_names_a_folder_it_cannot_build_for(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    for folder, says in ((tmp_path / "missing", "no model folder"), (tmp_path / "llama", "expected 'xlstm'")):
+        proc = subprocess.run([sys.executable, "-m", "mlx_lm_xlstm.warm_up", str(folder)], capture_output=True, text=True)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
