@@ -52,8 +52,9 @@ class GateProjection(nn.Module):
         self.bias = mx.random.uniform(-scale, scale, (outputs,))
 
     def __call__(self, x):
-        return mx.addmm(self.bias, x.astype(mx.float32), self.weight.astype(mx.float32).T)
-
+        # A matmul and an add, not addmm: on CUDA, MLX takes a bias epilogue to cuBLAS and
+        # a bare matrix-vector product to its own gemv, and the add fuses with the soft cap.
+        return x.astype(mx.float32) @ self.weight.astype(mx.float32).T + self.bias
 
 
 def fast_path_enabled() -> bool:
