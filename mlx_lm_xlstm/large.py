@@ -12,7 +12,8 @@ from mlx_lm.models.base import BaseModelArgs
 from .cache import StateSlots
 from .checkpoint import check_weights, fuse_projections, hf_name, mlx_name, report_unquantized
 from .distributed import BlockPipeline, check_split_inputs
-from .mlstm import GateProjection, mlstm_update
+from . import kernels
+from .mlstm import GateProjection, fast_path_enabled, mlstm_update
 from .recurrent import RecurrentModel
 
 
@@ -113,8 +114,28 @@ class RMSNorm(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
+def gated_head_norm_ops(h, qkvo, weight, bias, o_start: int, eps: float):
+    """sigmoid(o) * LayerNorm(h), o = qkvo[..., o_start:] (the output gate's columns of the
+    fused projection): LayerNorm over each head's values (mean-centred, biased variance,
+    fp32), weight (and bias) per channel, then in qkvo's dtype.
+    h: (B, T, H, Dv) fp32; returns (B, T, H * Dv)."""
+    B, T, _, _ = h.shape
+    y = mx.fast.layer_norm(h.astype(mx.float32), None, None, eps).reshape(B, T, -1) * weight
+    if bias is not None:
+        y = y + bias
+    return mx.sigmoid(qkvo[..., o_start:]) * y.astype(qkvo.dtype)
+
+
+def gated_head_norm(h, qkvo, weight, bias, o_start: int, eps: float):
+    """`gated_head_norm_ops` by the fused kernel where it applies (one launch, h read once;
+    rounded once to qkvo's dtype where the ops round twice)."""
+    if fast_path_enabled() and kernels.gated_head_norm_kernel_applies(h, qkvo, weight, bias, o_start):
+        return kernels.gated_head_norm_kernel(h, qkvo, weight, bias, o_start, eps)
+    return gated_head_norm_ops(h, qkvo, weight, bias, o_start, eps)
+
+
 class MultiHeadLayerNorm(nn.Module):
-    """LayerNorm over each head's values (mean-centred, biased variance, fp32), weight per channel."""
+    """The per-head LayerNorm of the cell's output, with the output gate (`gated_head_norm`)."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float, bias: bool):
         super().__init__()
@@ -123,11 +144,8 @@ class MultiHeadLayerNorm(nn.Module):
         if bias:
             self.bias = mx.zeros((num_heads * head_dim,))
 
-    def __call__(self, h):
-        B, T, _, _ = h.shape
-        y = mx.fast.layer_norm(h.astype(mx.float32), None, None, self.eps)
-        y = y.reshape(B, T, -1) * self.weight
-        return y + self.bias if "bias" in self else y
+    def __call__(self, h, qkvo, o_start: int):
+        return gated_head_norm(h, qkvo, self.weight, self.get("bias"), o_start, self.eps)
 
 
 class mLSTMLayer(nn.Module):
@@ -154,13 +172,13 @@ class mLSTMLayer(nn.Module):
     def __call__(self, x, mask=None, cache=None):
         B, T, _ = x.shape
         heads = lambda y: y.reshape(B, T, self.num_heads, -1)
-        q, k, v, o = mx.split(self.qkvo_proj(x), self.splits, axis=-1)
+        qkvo = self.qkvo_proj(x)
+        q, k, v, _ = mx.split(qkvo, self.splits, axis=-1)
         q, k, v = heads(q), heads(k), heads(v)
         i, f = mx.split(soft_cap(self.if_gate_preact(x), self.gate_soft_cap), 2, axis=-1)
         self.cache_slots.keep(cache, q=q, k=k, v=v, i=i, f=f, mask=mask)
         h = self.replay(cache, q, k, v, i, f, mask)
-        h = self.multihead_norm(h).astype(x.dtype)
-        return self.out_proj(mx.sigmoid(o) * h)
+        return self.out_proj(self.multihead_norm(h, qkvo, self.splits[2]))
 
     def replay(self, cache, q, k, v, i, f, mask=None):
         """The cell on these inputs from the state in `cache`, which it updates; a trim

@@ -1,4 +1,4 @@
-"""The fused kernels (decode step, prefill chunk states): dispatch and fallback (run
+"""The fused kernels (decode step, prefill chunk states, gated head norm): dispatch and fallback (run
 everywhere, with stand-in kernels), the CUDA sources (compiled with nvcc where it is
 installed) and kernel-vs-ops parity (on a GPU: CUDA or Metal)."""
 
@@ -11,9 +11,9 @@ import warnings
 import mlx.core as mx
 import pytest
 
-from mlx_lm_xlstm import kernels
+from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, cuda, step
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 ON_GPU = step.kernel is not None
@@ -106,6 +106,14 @@ def install_stand_in(monkeypatch, name, module, outputs, wrong):
     return kernel
 
 
+def gated_norm_outputs(inputs, template, grid, threadgroup):
+    h, qkvo, weight, bias, eps = inputs
+    assert template["NH"] == h.shape[2] and template["DV"] == h.shape[3] and template["E"] == qkvo.shape[-1]
+    assert grid[0] == threadgroup[0] == template["TPB"] and grid[2] == h.shape[0] * h.shape[1] * h.shape[2]
+    bias = bias if template["HAS_BIAS"] else None
+    return [large.gated_head_norm_ops(h, qkvo, weight, bias, template["O_START"], eps.item())]
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     return lambda wrong=False: install_stand_in(monkeypatch, "step", step, step_outputs, wrong)
@@ -114,6 +122,11 @@ def stand_in(monkeypatch):
 @pytest.fixture
 def stand_in_chunk_states(monkeypatch):
     return lambda wrong=False: install_stand_in(monkeypatch, "chunk_states", chunk_states, chunk_state_outputs, wrong)
+
+
+@pytest.fixture
+def stand_in_gated_norm(monkeypatch):
+    return lambda wrong=False: install_stand_in(monkeypatch, "gated_norm", gated_norm, gated_norm_outputs, wrong)
 
 
 def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
@@ -294,6 +307,59 @@ def test_gradients_through_the_chunk_state_kernel_are_the_ops_gradients(stand_in
         assert mx.allclose(got, want, rtol=1e-4, atol=1e-5).item()
 
 
+def random_norm(B, T, H, Dv, dtype, bias, key=13):
+    """h, the fused projection's output with the output gate's columns last, weight, bias."""
+    keys = mx.random.split(mx.random.key(key), 4)
+    h = 2.0 + 3.0 * mx.random.normal((B, T, H, Dv), key=keys[0])
+    qkvo = mx.random.normal((B, T, 3 * H * Dv), key=keys[1]).astype(dtype)
+    weight = (1.0 + mx.random.normal((H * Dv,), key=keys[2])).astype(dtype)
+    b = mx.random.normal((H * Dv,), key=keys[3]).astype(dtype) if bias else None
+    return h, qkvo, weight, b, 2 * H * Dv
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_layer_runs_its_output_stage_in_the_gated_norm_kernel(stand_in_gated_norm, bias):
+    kernel = stand_in_gated_norm()
+    args = random_norm(2, 3, 2, 24, mx.float32, bias)
+    got = large.gated_head_norm(*args, 1e-6)
+    assert kernel.calls >= 2 and kernels._verified["gated_norm"] is True
+    assert_close([got], [large.gated_head_norm_ops(*args, 1e-6)], 1e-6, 1e-6)
+
+
+def test_a_wrong_gated_norm_kernel_warns_and_falls_back(stand_in_gated_norm, monkeypatch):
+    kernel = stand_in_gated_norm(wrong=True)
+    args = random_norm(1, 2, 2, 16, mx.float32, True)
+    with pytest.warns(UserWarning, match="gated_norm kernel is disabled"):
+        got = large.gated_head_norm(*args, 1e-6)
+    assert_close([got], [large.gated_head_norm_ops(*args, 1e-6)], 0, 0)
+    calls = kernel.calls
+    large.gated_head_norm(*args, 1e-6)
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    monkeypatch.setitem(kernels._verified, "gated_norm", True)
+    large.gated_head_norm(*args, 1e-6)
+    assert kernel.calls == calls
+
+
+def test_gated_norm_takes_the_ops_path_for_inputs_it_does_not_take(stand_in_gated_norm):
+    kernel = stand_in_gated_norm()
+    h, qkvo, weight, bias, o_start = random_norm(1, 2, 2, 16, mx.float32, True)
+    large.gated_head_norm(h.astype(mx.bfloat16), qkvo, weight, bias, o_start, 1e-6)  # h not fp32
+    large.gated_head_norm(h, qkvo.astype(mx.int32), weight, bias, o_start, 1e-6)
+    assert kernel.calls == 0
+
+
+def test_gradients_through_the_gated_norm_kernel_are_the_ops_gradients(stand_in_gated_norm):
+    stand_in_gated_norm()
+    h, qkvo, weight, bias, o_start = random_norm(2, 2, 2, 16, mx.float32, True)
+
+    def grads(fn):
+        f = lambda h, qkvo, weight, bias: (fn(h, qkvo, weight, bias, o_start, 1e-6) ** 2).sum()
+        return mx.grad(f, argnums=(0, 1, 2, 3))(h, qkvo, weight, bias)
+
+    for got, want in zip(grads(large.gated_head_norm), grads(large.gated_head_norm_ops)):
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
 # ---- the CUDA units kernels/cuda.py compiles, through nvcc / NVRTC (where installed) -----
 
 def cuda_source(dtype, Dqk, Dv, body=None):
@@ -308,6 +374,12 @@ def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
     kernel = cuda.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=["NC"])
     inputs = [mx.float32, mx.float32, dtype] + [mx.float32] * 4
     return kernel.source(inputs, [dtype] + [mx.float32] * 5, [("T", dtype), ("DQK", Dqk), ("DV", Dv)])[1]
+
+
+def cuda_gated_norm_source(dtype, Dv):
+    kernel = cuda.Kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, gated_norm.source(CUDA))
+    constants = [("T", dtype), ("NH", 8), ("DV", Dv), ("TPB", gated_norm.threads(Dv)), ("E", 12 * Dv), ("O_START", 4 * Dv), ("HAS_BIAS", 1)]
+    return kernel.source([mx.float32, dtype, dtype, dtype, mx.float32], [dtype], constants)[1]
 
 
 def nvcc(source):
@@ -336,7 +408,7 @@ def _nvrtc():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
     nvrtc = _nvrtc()
-    for unit in (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512)):
+    for unit in (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512)):
         assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
     broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("= c[j];", "= c_new[j];"))
     with pytest.raises(RuntimeError, match="c_new"):
@@ -463,3 +535,18 @@ def test_generation_through_both_kernels_matches_the_ops_path(monkeypatch, dtype
     same = sum(a == b for a, b in zip(with_kernels, without)) / max(len(with_kernels), len(without))
     # fp32: identical; bf16: rounding may flip a near-tie late in the text, never the start
     assert same == 1.0 if dtype == mx.float32 else (with_kernels[:16] == without[:16] and same > 0.5), same
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("B, T, H, Dv", [(1, 1, 8, 512), (16, 1, 8, 512), (2, 70, 4, 40), (1, 3, 2, 300)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_norm_kernel_matches_ops(dtype, B, T, H, Dv, bias):
+    h, qkvo, weight, b, o_start = random_norm(B, T, H, Dv, dtype, bias, key=B + T)
+    got = gated_norm.launch(gated_norm.kernel, h, qkvo, weight, b, o_start, 1e-6)
+    want = large.gated_head_norm_ops(h, qkvo, weight, b, o_start, 1e-6)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == (B, T, H * Dv)
+    # fp32: to rounding; bf16/fp16: the ops round twice (after the weight, after the gate), the kernel once
+    ulp = {mx.float32: 1e-5, mx.bfloat16: 2**-7, mx.float16: 2**-10}[dtype]
+    err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
+    assert (err <= 2 * ulp * (1 + mx.abs(want.astype(mx.float32)))).all().item(), err.max().item()

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_lm_xlstm.kernels import chunk_states, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, step
 from mlx_lm_xlstm.kernels.spelling import METAL
 
 SHIM = Path(__file__).with_name("metal_shim.h")
@@ -123,3 +123,25 @@ def test_lint_catches_a_broken_chunk_states_kernel():
     body = chunk_states.source(METAL).replace("m_run = m_next;", "m_run = m_nxt;")
     result = lint(_chunk_states_source(body, mx.float32, 4, 8, 16))
     assert result.returncode != 0 and "m_nxt" in result.stderr
+
+
+def _gated_norm_source(body, dtype, Dv, bias):
+    kernel = mx.fast.metal_kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, body)
+    H = 2
+    call = lambda h, qkvo, w, b: gated_norm.launch(kernel, h, qkvo, w, b if bias else None, 2 * H * Dv, 1e-6, verbose=True)
+    h, qkvo = mx.zeros((2, 3, H, Dv)), mx.zeros((2, 3, 3 * H * Dv), dtype)
+    return generated_metal_source(call, h, qkvo, mx.ones((H * Dv,), dtype), mx.zeros((H * Dv,), dtype))
+
+
+@pytest.mark.parametrize("dtype, Dv, bias", [(mx.bfloat16, 512, False), (mx.float32, 40, True), (mx.float16, 300, True)])
+def test_gated_norm_kernel_passes_lint(dtype, Dv, bias):
+    source = _gated_norm_source(gated_norm.source(METAL), dtype, Dv, bias)
+    assert "simd_shuffle_xor" in source and "static_cast<T>" in source
+    result = lint(source)
+    assert result.returncode == 0, result.stderr
+
+
+def test_lint_catches_a_broken_gated_norm_kernel():
+    body = gated_norm.source(METAL).replace("mean /= DV;", "mean /= DVV;")
+    result = lint(_gated_norm_source(body, mx.float32, 40, True))
+    assert result.returncode != 0 and "DVV" in result.stderr

@@ -1,10 +1,12 @@
-"""Fused kernels for the mLSTM cell: Metal and CUDA twins of two reference functions.
+"""Fused kernels for the mLSTM layer: Metal and CUDA twins of three reference functions.
 
   - `step.py`: the recurrence of decode steps and other short calls (`mlstm.mlstm_step_ops`),
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
-    the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`.
+    the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`,
+  - `gated_norm.py`: xLSTM-7b's per-head norm and output gate (`large.gated_head_norm_ops`).
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
-`mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes. A kernel applies when
+`mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`
+likewise. A kernel applies when
   - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
@@ -22,21 +24,31 @@ import mlx.core as mx
 
 from . import chunk_states as _chunk_states
 from . import cuda as _cuda
+from . import gated_norm as _gated_norm
 from . import step as _step
 
-__all__ = ["mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies"]
+__all__ = [
+    "mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies",
+    "gated_head_norm_kernel", "gated_head_norm_kernel_applies",
+]
 
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # None: not checked yet; then True/False once the first-use comparison has run.
-_verified = {"step": None, "chunk_states": None}
+_verified = {"step": None, "chunk_states": None, "gated_norm": None}
 
 
 def _reference():
-    """The pure-MLX functions the kernels replace (imported late: `mlstm` imports us)."""
+    """The pure-MLX functions of the cell the kernels replace (imported late: `mlstm` imports us)."""
     from .. import mlstm
 
     return mlstm
+
+
+def _large_reference():
+    from .. import large
+
+    return large
 
 
 def _on_gpu() -> bool:
@@ -143,10 +155,31 @@ def _chunk_states_match_ops() -> bool:
     return True
 
 
-_CHECKS = {"step": _step_matches_ops, "chunk_states": _chunk_states_match_ops}
+def _random_norm_inputs(B=2, T=3, H=2, Dv=40, dtype=mx.float32, bias=True):
+    """h with a large offset per head (the mean must come out), the q|k|v|o output with o last."""
+    keys = mx.random.split(mx.random.key(9), 5)
+    h = 3.0 + 2.0 * mx.random.normal((B, T, H, Dv), key=keys[0])
+    qkvo = mx.random.normal((B, T, 3 * H * Dv), key=keys[1]).astype(dtype)
+    weight = (1.0 + 0.5 * mx.random.normal((H * Dv,), key=keys[2])).astype(dtype)
+    b = (0.5 * mx.random.normal((H * Dv,), key=keys[3])).astype(dtype) if bias else None
+    return h, qkvo, weight, b, 2 * H * Dv
 
 
-_MODULES = {"step": _step, "chunk_states": _chunk_states}
+def _gated_norm_matches_ops() -> bool:
+    """The gated head norm against `large.gated_head_norm_ops` (fp32 and bf16, with and without bias)."""
+    for dtype, bias, Dv in ((mx.float32, True, 40), (mx.bfloat16, False, 512)):
+        h, qkvo, weight, b, o_start = _random_norm_inputs(Dv=Dv, dtype=dtype, bias=bias)
+        want = _large_reference().gated_head_norm_ops(h, qkvo, weight, b, o_start, 1e-6)
+        got = _gated_norm.launch(_gated_norm.kernel, h, qkvo, weight, b, o_start, 1e-6)
+        if not _all_close((got.astype(mx.float32),), (want.astype(mx.float32),)):
+            return False
+    return True
+
+
+_CHECKS = {"step": _step_matches_ops, "chunk_states": _chunk_states_match_ops, "gated_norm": _gated_norm_matches_ops}
+
+
+_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm}
 
 
 def _verdict_file(name: str):
@@ -217,3 +250,37 @@ def chunk_states_kernel(g, a_max, dC, dn, C, n, m):
     """The chunk states by the kernel; arguments and result as `mlstm.chunk_states_ops`."""
     C_in, n_in, m_in, C, n, m = _fused_chunk_states(g, a_max, dC, dn, C, n, m)
     return (C_in, n_in, m_in), (C, n, m)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_gated_norm(kernel, o_start: int, eps: float, bias: bool):
+    if bias:
+        return _with_ops_vjp(
+            lambda h, qkvo, w, b: [_gated_norm.launch(kernel, h, qkvo, w, b, o_start, eps)],
+            lambda h, qkvo, w, b: [_large_reference().gated_head_norm_ops(h, qkvo, w, b, o_start, eps)],
+        )
+    return _with_ops_vjp(
+        lambda h, qkvo, w: [_gated_norm.launch(kernel, h, qkvo, w, None, o_start, eps)],
+        lambda h, qkvo, w: [_large_reference().gated_head_norm_ops(h, qkvo, w, None, o_start, eps)],
+    )
+
+
+def gated_head_norm_kernel_applies(h, qkvo, weight, bias, o_start) -> bool:
+    if _gated_norm.kernel is None or not _on_gpu() or h.ndim != 4 or qkvo.ndim != 3:
+        return False
+    B, T, H, Dv = h.shape
+    return (
+        h.dtype == _STATE_DTYPE
+        and qkvo.shape[:2] == (B, T)
+        and qkvo.shape[-1] - o_start == H * Dv
+        and weight.shape == (H * Dv,)
+        and (bias is None or bias.shape == weight.shape)
+        and all(x.dtype in _INPUT_DTYPES for x in (qkvo, weight) + (() if bias is None else (bias,)))
+        and _kernel_ok("gated_norm")
+    )
+
+
+def gated_head_norm_kernel(h, qkvo, weight, bias, o_start, eps=1e-6):
+    """The gated head norm by the kernel; arguments and result as `large.gated_head_norm_ops`."""
+    fused = _fused_gated_norm(_gated_norm.kernel, int(o_start), float(eps), bias is not None)
+    return fused(h, qkvo, weight, *(() if bias is None else (bias,)))[0]

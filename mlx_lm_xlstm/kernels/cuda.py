@@ -41,6 +41,7 @@ struct float16_t {
     __device__ float16_t(float x) { asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(x)); }
     __device__ operator float() const { float x; asm("cvt.f32.f16 %0, %1;" : "=f"(x) : "h"(bits)); return x; }
 };
+__device__ inline float shuffle_xor(float x, unsigned int lanes) { return __shfl_xor_sync(0xffffffffu, x, lanes); }
 """
 TYPES = {mx.float32: "float", mx.bfloat16: "bfloat16_t", mx.float16: "float16_t"}
 
@@ -143,10 +144,12 @@ def compiled(source: str, name: str) -> bytes:
 
 class Kernel:
     """A kernel body (CUDA spelling) with its parameter names; `runtime` names template
-    integers that are passed at launch instead of compiled in."""
+    integers that are passed at launch instead of compiled in; `launch_bounds` (threads a
+    threadgroup, threadgroups an SM) caps the registers a thread so that that many fit."""
 
-    def __init__(self, name: str, input_names, output_names, body: str, runtime=()):
+    def __init__(self, name: str, input_names, output_names, body: str, runtime=(), launch_bounds=None):
         self.name, self.body, self.runtime = name, body, tuple(runtime)
+        self.bounds = "__launch_bounds__({}, {}) ".format(*launch_bounds) if launch_bounds else ""
         self.input_names, self.output_names = list(input_names), list(output_names)
         self._binaries = {}
 
@@ -159,7 +162,7 @@ class Kernel:
         tag = "_".join(TYPES[d] for d in (*input_dtypes, *output_dtypes)) + "".join(f"_{v}" for _, v in constants)
         symbol = f"{self.name}_{hashlib.sha256(tag.encode()).hexdigest()[:12]}"
         unit = (
-            PRELUDE + f'extern "C" __global__ void {symbol}(\n    ' + ",\n    ".join(params) + ") {\n"
+            PRELUDE + f'extern "C" __global__ void {self.bounds}{symbol}(\n    ' + ",\n    ".join(params) + ") {\n"
             + "".join(f"    {l}\n" for l in lines) + self.body + "\n}\n"
         )
         return symbol, unit

@@ -12,6 +12,7 @@ METAL = {
     "ABS": "metal::abs",
     "EXP": "metal::exp",
     "RSQRT": "metal::rsqrt",
+    "SHUFFLE_XOR": "simd_shuffle_xor",
     "SHARED": "threadgroup",
     "BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
     "size_t": "ulong",
@@ -26,6 +27,7 @@ CUDA = {
     "ABS": "fabsf",
     "EXP": "expf",
     "RSQRT": "rsqrtf",
+    "SHUFFLE_XOR": "shuffle_xor",  # kernels/cuda.py's PRELUDE: a whole warp's __shfl_xor_sync
     "SHARED": "__shared__",
     "BARRIER": "__syncthreads()",
     # NVRTC compiles without the host's headers: spell the integer types out.
