@@ -532,6 +532,7 @@ def test_generation_through_both_kernels_matches_the_ops_path(monkeypatch, dtype
 
     with_kernels, without = tokens(True), tokens(False)
     assert kernels._verified["step"] is True and kernels._verified["chunk_states"] is True
+    assert kernels._verified["gated_norm"] is True
     same = sum(a == b for a, b in zip(with_kernels, without)) / max(len(with_kernels), len(without))
     # fp32: identical; bf16: rounding may flip a near-tie late in the text, never the start
     assert same == 1.0 if dtype == mx.float32 else (with_kernels[:16] == without[:16] and same > 0.5), same
