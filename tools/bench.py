@@ -413,7 +413,22 @@ def mlx_lm_rows(folder, trials=3):
     return emit(row)
 
 
-def batch_generate_rows(folder, n=16):
+def batch_generate_rows(folder):
+    """`batch_generate_in_process` in a process of its own with the caches the CLI runs share:
+    it runs the kernels `build_kernels_s` built, as a user's later script would (in this
+    process a first load would run the plain path while it builds them itself)."""
+    import subprocess
+
+    from bench_startup import ENV, cache_env
+
+    code = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench; print(json.dumps(bench.batch_generate_in_process({str(folder)!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, **cache_env(tool_caches(folder))}, timeout=900)
+    if proc.returncode:
+        return {"batch_generate failed": (proc.stdout + proc.stderr)[-600:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def batch_generate_in_process(folder, n=16):
     """mlx-lm's batch_generate on 16 ragged prompts (300-675 tokens), 128 tokens each; the
     second call is the warm one."""
     from mlx_lm import batch_generate, load
