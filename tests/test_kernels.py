@@ -109,7 +109,8 @@ def install_stand_in(monkeypatch, name, module, outputs, wrong):
 def gated_norm_outputs(inputs, template, grid, threadgroup):
     h, qkvo, weight, bias, eps = inputs
     assert template["NH"] == h.shape[2] and template["DV"] == h.shape[3] and template["E"] == qkvo.shape[-1]
-    assert grid[0] == threadgroup[0] == template["TPB"] and grid[2] == h.shape[0] * h.shape[1] * h.shape[2]
+    assert threadgroup[0] == template["TPB"] and grid[0] == template["TPB"] * h.shape[0] * h.shape[1] * h.shape[2]
+    assert grid[1] == grid[2] == 1  # CUDA takes at most 65,535 threadgroups along y and z
     bias = bias if template["HAS_BIAS"] else None
     return [large.gated_head_norm_ops(h, qkvo, weight, bias, template["O_START"], eps.item())]
 
@@ -326,6 +327,14 @@ def test_the_layer_runs_its_output_stage_in_the_gated_norm_kernel(stand_in_gated
     assert_close([got], [large.gated_head_norm_ops(*args, 1e-6)], 1e-6, 1e-6)
 
 
+def test_a_batch_of_prompts_fits_the_gated_norm_grid(stand_in_gated_norm):
+    """mlx_lm server's prompt batch: more (sequence, token, head) rows than CUDA's 65,535."""
+    kernel = stand_in_gated_norm()
+    args = random_norm(5, 2048, 8, 8, mx.float32, False)
+    assert_close([large.gated_head_norm(*args, 1e-6)], [large.gated_head_norm_ops(*args, 1e-6)], 1e-6, 1e-6)
+    assert kernel.calls >= 3
+
+
 def test_a_wrong_gated_norm_kernel_warns_and_falls_back(stand_in_gated_norm, monkeypatch):
     kernel = stand_in_gated_norm(wrong=True)
     args = random_norm(1, 2, 2, 16, mx.float32, True)
@@ -540,7 +549,7 @@ def test_generation_through_both_kernels_matches_the_ops_path(monkeypatch, dtype
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("B, T, H, Dv", [(1, 1, 8, 512), (16, 1, 8, 512), (2, 70, 4, 40), (1, 3, 2, 300)])
+@pytest.mark.parametrize("B, T, H, Dv", [(1, 1, 8, 512), (16, 1, 8, 512), (2, 70, 4, 40), (1, 3, 2, 300), (5, 2048, 8, 32)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_norm_kernel_matches_ops(dtype, B, T, H, Dv, bias):
     h, qkvo, weight, b, o_start = random_norm(B, T, H, Dv, dtype, bias, key=B + T)

@@ -6,7 +6,8 @@ With ops this is a LayerNorm launch, then a fused multiply-and-gate launch, with
 written twice between them; the kernel reads h and o once and writes the result once
 (7B shape, H200: 12.5 against 20-22 us a layer at batch 1, one launch in place of two).
 
-Work split: one threadgroup of TPB threads per (sequence, token, head); each thread keeps
+Work split: one threadgroup of TPB threads per (sequence, token, head), all along the grid's x
+(a batch of prompts has more rows than a CUDA grid's y or z takes); each thread keeps
 DV / TPB of the head's values in registers; the sums of the mean and of the variance meet
 by lane shuffles within each simdgroup / warp, then in threadgroup memory.
 o is read in place from the fused q|k|v|o projection's output (its columns from O_START):
@@ -19,7 +20,7 @@ from . import cuda
 from .spelling import CUDA, METAL, spell
 
 _BODY = """
-    const uint row = GID_Z;
+    const uint row = GID_X / TPB;
     const uint bt = row / NH;
     const uint head = row % NH;
     const uint tid = TID_X;
@@ -121,7 +122,7 @@ def launch(kernel, h, qkvo, weight, bias, o_start, eps, verbose=False):
             ("T", qkvo.dtype), ("NH", H), ("DV", Dv), ("TPB", tpb), ("E", qkvo.shape[-1]),
             ("O_START", o_start), ("HAS_BIAS", int(bias is not None)),
         ],
-        grid=(tpb, 1, B * T * H),
+        grid=(tpb * B * T * H, 1, 1),  # rows along x: a grid's y and z stop at 65,535 on CUDA
         threadgroup=(tpb, 1, 1),
         output_shapes=[(B, T, H * Dv)],
         output_dtypes=[qkvo.dtype],
