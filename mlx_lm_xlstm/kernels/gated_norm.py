@@ -19,7 +19,28 @@ import mlx.core as mx
 from . import cuda
 from .spelling import CUDA, METAL, spell
 
-_BODY = """
+
+def _threadgroup_sum(value: str, total: str) -> str:
+    """Body lines that set `total` to the sum of every thread's `value`: lane shuffles within
+    each simdgroup / warp, then its partial sums in threadgroup memory."""
+    return f"""
+    for (uint lanes = 16; lanes > 0; lanes /= 2) {{
+        {value} += SHUFFLE_XOR({value}, lanes);
+    }}
+    if (tid % 32 == 0) {{
+        partial[tid / 32] = {value};
+    }}
+    BARRIER;
+    float {total} = 0.0f;
+    for (uint w = 0; w < TPB / 32; ++w) {{
+        {total} += partial[w];
+    }}
+    BARRIER;
+"""
+
+
+_BODY = (
+    """
     const uint row = GID_X / TPB;
     const uint bt = row / NH;
     const uint head = row % NH;
@@ -35,20 +56,10 @@ _BODY = """
         x[j] = c < DV ? h[(size_t)row * DV + c] : 0.0f;
         sum += x[j];
     }
-    for (uint lanes = 16; lanes > 0; lanes /= 2) {
-        sum += SHUFFLE_XOR(sum, lanes);
-    }
-    if (tid % 32 == 0) {
-        partial[tid / 32] = sum;
-    }
-    BARRIER;
-    float mean = 0.0f;
-    for (uint w = 0; w < TPB / 32; ++w) {
-        mean += partial[w];
-    }
+"""
+    + _threadgroup_sum("sum", "mean")
+    + """
     mean /= DV;
-    BARRIER;
-
     float squares = 0.0f;
     #pragma unroll
     for (uint j = 0; j < PER; ++j) {
@@ -56,17 +67,9 @@ _BODY = """
         x[j] = c < DV ? x[j] - mean : 0.0f;
         squares += x[j] * x[j];
     }
-    for (uint lanes = 16; lanes > 0; lanes /= 2) {
-        squares += SHUFFLE_XOR(squares, lanes);
-    }
-    if (tid % 32 == 0) {
-        partial[tid / 32] = squares;
-    }
-    BARRIER;
-    float var = 0.0f;
-    for (uint w = 0; w < TPB / 32; ++w) {
-        var += partial[w];
-    }
+"""
+    + _threadgroup_sum("squares", "var")
+    + """
     const float inv_std = RSQRT(var / DV + eps[0]);
 
     #pragma unroll
@@ -83,6 +86,7 @@ _BODY = """
         }
     }
 """
+)
 
 
 def source(backend: dict) -> str:
