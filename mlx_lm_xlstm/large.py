@@ -9,10 +9,10 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import BaseModelArgs
 
+from . import kernels
 from .cache import StateSlots
 from .checkpoint import check_weights, fuse_projections, hf_name, mlx_name, report_unquantized
 from .distributed import BlockPipeline, check_split_inputs
-from . import kernels
 from .mlstm import GateProjection, fast_path_enabled, mlstm_update
 from .recurrent import RecurrentModel
 
@@ -128,7 +128,7 @@ def gated_head_norm_ops(h, qkvo, weight, bias, o_start: int, eps: float):
 
 def gated_head_norm(h, qkvo, weight, bias, o_start: int, eps: float):
     """`gated_head_norm_ops` by the fused kernel where it applies (one launch, h read once;
-    rounded once to qkvo's dtype where the ops round twice)."""
+    rounded once to qkvo's dtype where the ops round three times)."""
     if fast_path_enabled() and kernels.gated_head_norm_kernel_applies(h, qkvo, weight, bias, o_start):
         return kernels.gated_head_norm_kernel(h, qkvo, weight, bias, o_start, eps)
     return gated_head_norm_ops(h, qkvo, weight, bias, o_start, eps)

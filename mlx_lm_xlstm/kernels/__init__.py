@@ -257,14 +257,12 @@ def chunk_states_kernel(g, a_max, dC, dn, C, n, m):
 
 @functools.lru_cache(maxsize=None)
 def _fused_gated_norm(kernel, o_start: int, eps: float, bias: bool):
-    if bias:
-        return _with_ops_vjp(
-            lambda h, qkvo, w, b: [_gated_norm.launch(kernel, h, qkvo, w, b, o_start, eps)],
-            lambda h, qkvo, w, b: [_large_reference().gated_head_norm_ops(h, qkvo, w, b, o_start, eps)],
-        )
+    """Of (h, qkvo, weight, bias), or of (h, qkvo, weight) without a bias (a custom function
+    takes arrays only)."""
+    four = (lambda *args: args) if bias else (lambda *args: (*args, None))
     return _with_ops_vjp(
-        lambda h, qkvo, w: [_gated_norm.launch(kernel, h, qkvo, w, None, o_start, eps)],
-        lambda h, qkvo, w: [_large_reference().gated_head_norm_ops(h, qkvo, w, None, o_start, eps)],
+        lambda *args: [_gated_norm.launch(kernel, *four(*args), o_start, eps)],
+        lambda *args: [_large_reference().gated_head_norm_ops(*four(*args), o_start, eps)],
     )
 
 
