@@ -56,6 +56,20 @@ def test_a_first_run_starts_at_once_and_a_later_one_compiles_nothing(tmp_path):
     assert cpu_kernels(alone) > 10
 
 
+@pytest.mark.parametrize("fixture", ["paper_mixed", "paper_slstm", "paper_tied_bias"])
+def test_the_paper_stacks_plain_path_compiles_nothing(tmp_path, fixture):
+    """A first run's plain path on the paper's stacks (gelu, swish and relu FFNs; sLSTM and
+    mLSTM blocks' convolutions and gates): a prompt and decode steps compile no kernel."""
+    run = (
+        "import sys; sys.path.insert(0, 'tests'); import mlx.core as mx; from conftest import load_fixture; "
+        f"m = load_fixture({fixture!r}); c = m.make_cache(); mx.eval(m(mx.array([[1, 2, 3, 4, 5]]), cache=c)); "
+        "[mx.eval(m(mx.array([[1]]), cache=c)) for _ in range(3)]"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "MLX_XLSTM_KERNELS": "0"}
+    subprocess.run([sys.executable, "-c", run], env=env, cwd=ROOT, check=True, timeout=300)
+    assert cpu_kernels(tmp_path) == 0
+
+
 def test_the_copy_has_two_blocks_and_the_models_dtypes_and_quantization():
     from mlx_lm.utils import load_model, quantize_model
 

@@ -105,13 +105,28 @@ class CausalConv1d(nn.Module):
         self.conv.groups //= group.size()  # depthwise: one group per channel
 
 
+# MLX's activations as plain functions, not their `mx.compile`d ones (the same ops): a
+# machine's first run, on the plain path, compiles no kernel (`mlx_lm_xlstm.warm_up`), and the
+# compiled decode step fuses them anyway.
+def silu(x):
+    return x * mx.sigmoid(x)
+
+
+def gelu(x):
+    return x * (1 + mx.erf(x / math.sqrt(2))) / 2
+
+
+def selu(x):
+    return mx.where(x > 0, x, 1.67326 * (mx.exp(x) - 1)) * 1.0507
+
+
 _ACTIVATIONS = {
-    "gelu": nn.gelu,
-    "relu": nn.relu,
-    "relu^2": nn.relu2,
+    "gelu": gelu,
+    "relu": lambda x: mx.maximum(x, 0),
+    "relu^2": lambda x: mx.square(mx.maximum(x, 0)),
     "sigmoid": mx.sigmoid,
-    "swish": nn.silu,
-    "selu": nn.selu,
+    "swish": silu,
+    "selu": selu,
 }
 
 

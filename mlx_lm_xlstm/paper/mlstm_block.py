@@ -16,7 +16,7 @@ from mlx.nn.layers.distributed import shard_linear
 from ..cache import StateSlots
 from ..distributed import HeadGatesFromShards, local_channels, split_channels
 from ..mlstm import GateProjection, mlstm_update
-from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, small_init, wang_init
+from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, silu, small_init, wang_init
 
 CHUNK_SIZE = 64
 
@@ -83,13 +83,13 @@ class mLSTMLayer(nn.Module):
         conv_in = x_mlstm if mask is None else mx.where(mask[..., None], x_mlstm, 0)
         lengths = cache.lengths if cache is not None else None
         x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
-        x_conv = nn.silu(x_conv)
+        x_conv = silu(x_conv)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
         self.cache_slots.keep(cache, conv_in=conv_in, q=q, k=k, v=v, mask=mask)
         h, (C, n, m) = self.mlstm_cell(q, k, v, mask, self.cache_slots.read(cache, "C", "n", "m"))
         self.cache_slots.write(cache, conv=conv_state, C=C, n=n, m=m)
         h = h.astype(x.dtype) + self.learnable_skip * x_conv
-        return self.dropout(self.proj_down(h * nn.silu(z)))
+        return self.dropout(self.proj_down(h * silu(z)))
 
     def replay(self, cache, conv_in, q, k, v, mask=None):
         """The convolution's and the cell's state after these kept inputs, from those in

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from ..cache import StateSlots
 from ..distributed import gather_channels, local_channels, split_channels
 from ..mlstm import fast_path_enabled, log_sigmoid
-from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm
+from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, silu
 
 NUM_GATES = 4
 
@@ -128,7 +128,7 @@ class sLSTMLayer(nn.Module):
             conv_in = x if mask is None else mx.where(mask[..., None], x, 0)
             lengths = cache.lengths if cache is not None else None
             x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
-            x_conv = nn.silu(x_conv)
+            x_conv = silu(x_conv)
             self.cache_slots.write(cache, conv=conv_state)
 
         heads = lambda g: g.reshape(B, T, self.num_heads, 1, -1)
