@@ -170,10 +170,10 @@ def start(model, wait: bool = False):
 
 
 def _yield_cpu(pid: int):
-    """The background build at the lowest CPU priority (its compilers inherit it): the user's
-    run comes first. Sharing two CPU cores at equal priority, a first `mlx_lm generate` of the
-    demo took 0.88 s to its first token, against 0.06 s once built. Set right after the
-    process starts, before it starts threads of its own (which inherit a thread's priority)."""
+    """The background build at the lowest CPU priority (its compilers inherit it): where the
+    CPU is busy, the user's run comes first (a first run of the demo on an idle 2-core CPU
+    showed no difference). Set right after the process starts, before it starts threads of
+    its own (which inherit a thread's priority)."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, 19)
     except (AttributeError, OSError):  # not POSIX, or the process is gone already
