@@ -22,6 +22,7 @@ the process that needs them) the fast path runs from the first call.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -83,7 +84,9 @@ def spec(model) -> dict:
     return {"config": model.warm_up_config(), "dtypes": dtypes, "quantized": quantized}
 
 
+@functools.lru_cache(maxsize=None)
 def _sources_digest() -> str:
+    """This package's sources, read once a process (the CLI and `start` both key a model)."""
     package = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):

@@ -381,10 +381,10 @@ def mlx_lm_benchmark(folder, args, trials):
     """`mlx_lm benchmark` in its own process; its 'Averages' line as numbers."""
     import subprocess
 
-    from bench_startup import ENV, RUN_CLI, cache_env
+    from bench_startup import RUN_CLI
 
     cmd = [sys.executable, "-c", RUN_CLI, "benchmark", "--model", str(folder), *args, "-n", str(trials)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **cache_env(tool_caches(folder))}, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(folder), timeout=900)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("Averages:")), None)
     if proc.returncode or line is None:
         return {"failed": (proc.stdout + proc.stderr)[-600:]}
@@ -396,10 +396,8 @@ def build_kernels_s(folder):
     them ahead: otherwise a machine's first runs measure the plain path (mlx_lm_xlstm.warm_up)."""
     import subprocess
 
-    from bench_startup import ENV, cache_env
-
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mlx_lm_xlstm.warm_up", str(folder)], env={**ENV, **cache_env(tool_caches(folder))},
+    subprocess.run([sys.executable, "-m", "mlx_lm_xlstm.warm_up", str(folder)], env=tool_env(folder),
                    check=True, timeout=900, capture_output=True)
     return time.perf_counter() - start
 
@@ -419,10 +417,8 @@ def batch_generate_rows(folder):
     process a first load would run the plain path while it builds them itself)."""
     import subprocess
 
-    from bench_startup import ENV, cache_env
-
     code = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench; print(json.dumps(bench.batch_generate_in_process({str(folder)!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**ENV, **cache_env(tool_caches(folder))}, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=tool_env(folder), timeout=900)
     if proc.returncode:
         return {"batch_generate failed": (proc.stdout + proc.stderr)[-600:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -455,6 +451,13 @@ def tool_caches(folder):
     from pathlib import Path
 
     return Path(folder).parent / "bench-caches"
+
+
+def tool_env(folder) -> dict:
+    """The environment of a tool's own process: the caches the CLI runs share (`tool_caches`)."""
+    from bench_startup import ENV, cache_env
+
+    return {**ENV, **cache_env(tool_caches(folder))}
 
 
 def server_rows(folder):
