@@ -182,9 +182,9 @@ def _step_kernel_applies(q, k, v, i, log_f, state) -> bool:
     return fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state)
 
 
-def _step(q, k, v, i, log_f, state, eps):
+def _step(q, k, v, i, log_f, state, eps, packed=None):
     if _step_kernel_applies(q, k, v, i, log_f, state):
-        return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps)
+        return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps, packed=packed)
     step = _compiled_step if fast_path_enabled() else mlstm_step_ops
     return step(q, k, v, i, log_f, *state, eps=eps)
 
@@ -232,24 +232,29 @@ def mlstm_update(
     k: mx.array,
     v: mx.array,
     i: mx.array,
-    f: mx.array,
+    log_f: mx.array,
     state: Optional[Tuple[mx.array, mx.array, mx.array]] = None,
     mask: Optional[mx.array] = None,
     *,
     chunk_size: int = 64,
     max_piece: int = 16384,
     eps: float = 1e-6,
+    packed: Optional[Tuple[mx.array, Tuple[int, int, int]]] = None,
 ):
     """The mLSTM cell on T new tokens, as both architectures call it.
 
-    q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) input- and forget-gate
-    pre-activations; state: (C, n, m) or None for the zero state; mask: (B, T) or None
+    q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i: (B, T, H) the input gates' pre-activations;
+    log_f: (B, T, H) the forget gates' log-sigmoid (`log_sigmoid` of their pre-activations:
+    xLSTM-7b's come from a kernel with its projection, `large.head_gates`); state: (C, n, m) or None for the zero state; mask: (B, T) or None
     (masked steps leave the state as it is).
     Calls of at most STEP_CALL tokens run token by token in the step kernel where it
     applies; otherwise one token runs the recurrent step and more run chunkwise, in pieces
     of at most `max_piece` tokens (a working set bounded whatever the length, the same
     result as one pass). The fused kernels run where they apply, the compiled reference
-    otherwise, and the plain reference with MLX_XLSTM_KERNELS=0.
+    otherwise, and the plain reference with MLX_XLSTM_KERNELS=0. packed: optionally
+    (qkv, (q_off, k_off, v_off)), q, k and v being those columns of qkv (B * T rows): the
+    step kernel reads them there (xLSTM-7b's fused projection; their slices of a batch are
+    not contiguous, and would be copied first).
     Returns h (B, T, H, Dv) in fp32 and the new state.
     """
     B, T, H, Dqk = q.shape
@@ -260,13 +265,13 @@ def mlstm_update(
             mx.zeros((B, H, Dqk), mx.float32),
             mx.zeros((B, H), mx.float32),
         )
-    log_f = log_sigmoid(f.astype(mx.float32))
+    log_f = log_f.astype(mx.float32)
     i = i.astype(mx.float32)
     if mask is not None:
         i = mx.where(mask[..., None], i, MASKED_I)
         log_f = mx.where(mask[..., None], log_f, 0.0)
     if T == 1 or (T <= STEP_CALL and _step_kernel_applies(q, k, v, i, log_f, state)):
-        return _step(q, k, v, i, log_f, state, eps)
+        return _step(q, k, v, i, log_f, state, eps, packed)
     q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
     i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)
     if T <= SHORT_CALL:

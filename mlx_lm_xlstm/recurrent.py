@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
-from . import warm_up
+from . import kernels, warm_up
 from .cache import StepInputs, keep_inputs, speculative_call
 from .mlstm import fast_path_enabled
 
@@ -41,7 +41,8 @@ class CompiledDecode:
         if self.fn is None:
             self.fn = mx.compile(functools.partial(forward_states, model), inputs=model.state)
         states = [c.cache for c in cache]
-        logits, states, kept = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)
+        with kernels.without_vjp():  # traced for generation, never differentiated
+            logits, states, kept = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)
         for c, state, inputs in zip(cache, states, kept):
             c.cache = state
             keep_inputs(c, inputs)
@@ -68,7 +69,8 @@ class CompiledReplays:
                 return layer.replay(cache, **inputs)
             if id(layer) not in self.fns:
                 self.fns[id(layer)] = mx.compile(functools.partial(replay_states, layer), inputs=layer.state)
-            cache.cache = self.fns[id(layer)](cache.cache, inputs)
+            with kernels.without_vjp():
+                cache.cache = self.fns[id(layer)](cache.cache, inputs)
 
         return replay
 

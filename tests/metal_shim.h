@@ -48,6 +48,10 @@ float max(float, float);
 float min(float, float);
 float fast_exp(float);
 float precise_exp(float);
+namespace precise {
+float log(float);
+float tanh(float);
+}  // namespace precise
 }  // namespace metal
 
 using namespace metal;

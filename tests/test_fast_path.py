@@ -41,7 +41,7 @@ def test_pieces_give_the_one_pass_result(T):
     q, k, v, i, f = random_cell_inputs(2, T, 2, 8, 12, key=T)
     mask = mx.arange(T)[None] < mx.array([[T], [max(1, T - 5)]])  # a right-padded row
     want_h, want_state = reference(q, k, v, i, f, mask, chunk_size=16)
-    got_h, got_state = mlstm.mlstm_update(q, k, v, i, f, None, mask, chunk_size=16, max_piece=64)
+    got_h, got_state = mlstm.mlstm_update(q, k, v, i, mlstm.log_sigmoid(f), None, mask, chunk_size=16, max_piece=64)
     assert got_h.shape == want_h.shape
     for got, want in zip((got_h, *got_state), (want_h, *want_state)):
         np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=1e-4)

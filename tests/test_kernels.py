@@ -1,8 +1,9 @@
-"""The fused kernels (decode step, prefill chunk states, gated head norm): dispatch and fallback (run
+"""The fused kernels (decode step, prefill chunk states, gated head norm, gates): dispatch and fallback (run
 everywhere, with stand-in kernels), the CUDA sources (compiled with nvcc where it is
 installed) and kernel-vs-ops parity (on a GPU: CUDA or Metal)."""
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ import pytest
 
 from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, step
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 ON_GPU = step.kernel is not None
@@ -64,9 +65,16 @@ def dispatch_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
 
 def step_outputs(inputs, template, grid, threadgroup):
     q, k, v, i, log_f, C, n, m, eps = inputs
-    assert template["DQK"] == q.shape[-1] and grid[0] % 32 == 0
-    assert template["STEPS"] == q.shape[1] and template["NH"] == q.shape[2]
-    assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == q.shape[0] * q.shape[2]
+    B, T, H = i.shape
+    assert template["DQK"] == C.shape[2] and grid[0] % 32 == 0
+    assert template["STEPS"] == T and template["NH"] == H
+    assert grid[1] == threadgroup[1] == step.ROWS and grid[2] == B * H
+
+    def heads(x, name, D):  # the kernel's reads: a token's row of *_STRIDE, from *_OFF
+        start = template[f"{name}_OFF"]
+        return x.reshape(B * T, template[f"{name}_STRIDE"])[:, start : start + H * D].reshape(B, T, H, D)
+
+    q, k, v = heads(q, "Q", C.shape[2]), heads(k, "K", C.shape[2]), heads(v, "V", C.shape[3])
     h, (C, n, m) = ops.mlstm_step_ops(q, k, v, i, log_f, C, n, m, eps=eps.item())
     return [h, C, n, m]
 
@@ -115,6 +123,14 @@ def gated_norm_outputs(inputs, template, grid, threadgroup):
     return [large.gated_head_norm_ops(h, qkvo, weight, bias, template["O_START"], eps.item())]
 
 
+def gates_outputs(inputs, template, grid, threadgroup):
+    x, weight, bias, cap = inputs
+    G, K = weight.shape
+    assert template["G"] == G and template["K"] == K and threadgroup[0] == 32 * G
+    assert grid[0] == 32 * G * (x.size // K) and grid[1] == grid[2] == 1
+    return list(large.head_gates_ops(x, weight, bias, cap.item()))
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     return lambda wrong=False: install_stand_in(monkeypatch, "step", step, step_outputs, wrong)
@@ -128,6 +144,11 @@ def stand_in_chunk_states(monkeypatch):
 @pytest.fixture
 def stand_in_gated_norm(monkeypatch):
     return lambda wrong=False: install_stand_in(monkeypatch, "gated_norm", gated_norm, gated_norm_outputs, wrong)
+
+
+@pytest.fixture
+def stand_in_gates(monkeypatch):
+    return lambda wrong=False: install_stand_in(monkeypatch, "gates", gates, gates_outputs, wrong)
 
 
 def test_dispatch_uses_the_kernel_after_checking_it(stand_in):
@@ -190,10 +211,66 @@ def test_short_calls_run_in_the_step_kernel_and_prompts_chunkwise(stand_in, monk
         q, k, v, i, _, C, n, m = random_step(2, 2, 8, 24, mx.float32, key=T, T=T)
         f = mx.random.normal(i.shape, key=mx.random.key(T))
         before = kernel.calls
-        got = ops.mlstm_update(q, k, v, i, f, (C, n, m), chunk_size=4)
+        got = ops.mlstm_update(q, k, v, i, ops.nn.log_sigmoid(f), (C, n, m), chunk_size=4)
         assert (kernel.calls > before) == in_kernel, T
         want = ops.mlstm_step_ops(q, k, v, i, ops.nn.log_sigmoid(f), C, n, m)
         assert_close(flat(got), flat(want), 1e-4, 1e-5)
+
+
+def packed_step(B, T, H, Dqk, Dv, dtype, key):
+    """A step's inputs with q, k, v also as columns of one (B * T, E) array, as xLSTM-7b's
+    fused projection holds them (o's columns after them)."""
+    q, k, v, i, log_f, C, n, m = random_step(B, H, Dqk, Dv, dtype, key=key, masked=[0], T=T)
+    rows = lambda x: x.reshape(B * T, -1)
+    qkvo = mx.concatenate([rows(q), rows(k), rows(v), rows(v)], axis=-1)
+    return (q, k, v, i, log_f, C, n, m), (qkvo, (0, H * Dqk, 2 * H * Dqk))
+
+
+def test_the_step_kernel_reads_q_k_v_in_place(stand_in):
+    kernel = stand_in()
+    for T in (1, 3):
+        args, packed = packed_step(3, T, 2, 8, 24, mx.float32, key=T)
+        calls = kernel.calls
+        got = ops.mlstm_update(*args[:5], args[5:], packed=packed)
+        assert kernel.calls > calls
+        assert_close(flat(got), flat(ops.mlstm_step_ops(*args)), 1e-5, 1e-6)
+    # a packed array that does not hold them is not read
+    got = kernels.mlstm_step_kernel(*args, packed=(packed[0][:, :10], packed[1]))
+    assert_close(flat(got), flat(ops.mlstm_step_ops(*args)), 1e-5, 1e-6)
+
+
+def test_gradients_through_the_packed_step_kernel_are_the_ops_gradients(stand_in):
+    stand_in()
+    args, (qkvo, offsets) = packed_step(2, 2, 2, 8, 16, mx.float32, key=5)
+
+    def loss(qkvo, i, C, packed):
+        q, k, v = kernels._unpacked(qkvo, offsets, i, C)
+        h, (C2, n2, m2) = ops.mlstm_update(q, k, v, i, args[4], (C, *args[6:]), packed=(qkvo, offsets) if packed else None)
+        return (h * h).sum() + C2.sum() + n2.sum()
+
+    got = mx.grad(loss, argnums=(0, 1, 2))(qkvo, args[3], args[5], True)
+    want = mx.grad(loss, argnums=(0, 1, 2))(qkvo, args[3], args[5], False)
+    for g, w in zip(got, want):
+        assert mx.allclose(g, w, rtol=1e-4, atol=1e-5).item()
+
+
+def graph_ops(outputs) -> list:
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(os.path.join(tmp, "g.dot"), *outputs)
+        return re.findall(r'label ="(\w+)"', open(os.path.join(tmp, "g.dot")).read())
+
+
+def test_kernels_run_bare_where_nothing_is_differentiated(stand_in):
+    """The compiled decode step traces the kernels without their VJP wrapper (one op fewer
+    each, every step); elsewhere they keep it, so training through them stays exact."""
+    stand_in()
+    args = random_step(2, 2, 8, 24, mx.float32, key=3)
+    wrapped = flat(dispatch_step(*args))
+    with kernels.without_vjp():
+        bare = flat(dispatch_step(*args))
+    assert "CustomTransforms" in graph_ops(wrapped) and "CustomTransforms" not in graph_ops(bare)
+    assert_close(bare, wrapped, 0, 0)
+    assert kernels._with_vjp is True
 
 
 def test_env_variable_forces_the_ops_path(stand_in, monkeypatch):
@@ -369,12 +446,76 @@ def test_gradients_through_the_gated_norm_kernel_are_the_ops_gradients(stand_in_
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
 
 
+def random_gates(shape, G, K, dtype, key=17):
+    """Tokens (shape..., K), fp32 gate weights and biases; some pre-activations past the cap."""
+    keys = mx.random.split(mx.random.key(key), 3)
+    x = mx.random.normal((*shape, K), key=keys[0]).astype(dtype)
+    weight = 4.0 * K**-0.5 * mx.random.normal((G, K), key=keys[1])
+    bias = 8.0 * mx.random.normal((G,), key=keys[2])
+    return x, weight, bias
+
+
+def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates):
+    kernel = stand_in_gates()
+    x, weight, bias = random_gates((2, 3), 8, 40, mx.bfloat16)
+    got = large.head_gates(x, weight, bias, 15.0)
+    assert kernel.calls >= 2 and kernels._verified["gates"] is True
+    assert [g.shape for g in got] == [(2, 3, 4)] * 2
+    assert_close(got, large.head_gates_ops(x, weight, bias, 15.0), 1e-6, 1e-6)
+
+
+def test_the_gates_ops_are_the_models_gate_functions():
+    """head_gates_ops: the input gates' capped pre-activations, the forget gates' log-sigmoid."""
+    x, weight, bias = random_gates((5,), 6, 24, mx.float32)
+    i, log_f = large.head_gates_ops(x, weight, bias, 15.0)
+    capped = 15.0 * mx.tanh((x @ weight.T + bias) / 15.0)
+    assert_close([i, log_f], [capped[:, :3], ops.nn.log_sigmoid(capped[:, 3:])], 1e-6, 1e-6)
+    assert (mx.abs(i) <= 15.0).all().item() and (log_f <= 0).all().item()
+
+
+def test_a_wrong_gate_kernel_warns_and_falls_back(stand_in_gates, monkeypatch):
+    kernel = stand_in_gates(wrong=True)
+    x, weight, bias = random_gates((1, 2), 4, 16, mx.float32)
+    with pytest.warns(UserWarning, match="gates kernel is disabled"):
+        got = large.head_gates(x, weight, bias, 15.0)
+    assert_close(got, large.head_gates_ops(x, weight, bias, 15.0), 0, 0)
+    calls = kernel.calls
+    large.head_gates(x, weight, bias, 15.0)
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    monkeypatch.setitem(kernels._verified, "gates", True)
+    large.head_gates(x, weight, bias, 15.0)
+    assert kernel.calls == calls
+
+
+def test_gates_take_the_ops_path_for_inputs_they_do_not_take(stand_in_gates):
+    kernel = stand_in_gates()
+    x, weight, bias = random_gates((1, 2), 4, 16, mx.float32)
+    large.head_gates(x, weight.astype(mx.bfloat16), bias, 15.0)  # gate weights not fp32
+    large.head_gates(x.astype(mx.int32), weight, bias, 15.0)  # tokens of a dtype it does not read
+    x, weight, bias = random_gates((1, 2), 2 * gates.MAX_ROWS, 16, mx.float32)
+    large.head_gates(x, weight, bias, 15.0)  # more rows than a threadgroup's warps
+    assert kernel.calls == 0
+
+
+def test_gradients_through_the_gate_kernel_are_the_ops_gradients(stand_in_gates):
+    stand_in_gates()
+    x, weight, bias = random_gates((2, 2), 4, 16, mx.float32)
+
+    def grads(fn):
+        f = lambda x, weight, bias: sum((y**2).sum() for y in fn(x, weight, bias, 15.0))
+        return mx.grad(f, argnums=(0, 1, 2))(x, weight, bias)
+
+    for got, want in zip(grads(large.head_gates), grads(large.head_gates_ops)):
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
 # ---- the CUDA units kernels/cuda.py compiles, through nvcc / NVRTC (where installed) -----
 
 def cuda_source(dtype, Dqk, Dv, body=None):
     """The translation unit the CUDA step kernel compiles (kernels/cuda.py)."""
     kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=["STEPS"])
-    return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv), ("NH", 8)])[1]
+    layout = [("Q_STRIDE", 8 * Dqk), ("K_STRIDE", 8 * Dqk), ("V_STRIDE", 8 * Dv), ("Q_OFF", 0), ("K_OFF", 0), ("V_OFF", 0)]
+    return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv), ("NH", 8), *layout])[1]
 
 
 def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
@@ -389,6 +530,12 @@ def cuda_gated_norm_source(dtype, Dv):
     kernel = cuda.Kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, gated_norm.source(CUDA))
     constants = [("T", dtype), ("NH", 8), ("DV", Dv), ("TPB", gated_norm.threads(Dv)), ("E", 12 * Dv), ("O_START", 4 * Dv), ("HAS_BIAS", 1)]
     return kernel.source([mx.float32, dtype, dtype, dtype, mx.float32], [dtype], constants)[1]
+
+
+def cuda_gates_source(dtype, G, body=None):
+    body = gates.source(CUDA) if body is None else body
+    kernel = cuda.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=["K"])
+    return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G)])[1]
 
 
 def nvcc(source):
@@ -417,7 +564,8 @@ def _nvrtc():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
     nvrtc = _nvrtc()
-    for unit in (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512)):
+    units = (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512), cuda_gates_source(dtype, 16))
+    for unit in units:
         assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
     broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("= c[j];", "= c_new[j];"))
     with pytest.raises(RuntimeError, match="c_new"):
@@ -430,6 +578,15 @@ def test_cuda_step_source_compiles():
     assert result.returncode == 0, result.stderr
     broken = step.source(CUDA).replace("= c[j];", "= c_new[j];")
     assert nvcc(cuda_source(mx.float32, 16, 40, broken)).returncode != 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_cuda_gates_source_compiles(dtype):
+    result = nvcc(cuda_gates_source(dtype, 16))
+    assert result.returncode == 0, result.stderr
+    broken = gates.source(CUDA).replace("const float u = ", "const float uu = ")
+    assert nvcc(cuda_gates_source(dtype, 16, broken)).returncode != 0
 
 
 @needs_nvcc
@@ -541,7 +698,7 @@ def test_generation_through_both_kernels_matches_the_ops_path(monkeypatch, dtype
 
     with_kernels, without = tokens(True), tokens(False)
     assert kernels._verified["step"] is True and kernels._verified["chunk_states"] is True
-    assert kernels._verified["gated_norm"] is True
+    assert kernels._verified["gated_norm"] is True and kernels._verified["gates"] is True
     same = sum(a == b for a, b in zip(with_kernels, without)) / max(len(with_kernels), len(without))
     # fp32: identical; bf16: rounding may flip a near-tie late in the text, never the start
     assert same == 1.0 if dtype == mx.float32 else (with_kernels[:16] == without[:16] and same > 0.5), same
@@ -560,3 +717,23 @@ def test_gated_norm_kernel_matches_ops(dtype, B, T, H, Dv, bias):
     ulp = {mx.float32: 1e-5, mx.bfloat16: 2**-7, mx.float16: 2**-10}[dtype]
     err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
     assert (err <= 2 * ulp * (1 + mx.abs(want.astype(mx.float32)))).all().item(), err.max().item()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("shape, G, K", [((1, 1), 16, 4096), ((16, 1), 16, 4096), ((1, 2048), 16, 4096), ((3, 5), 6, 72), ((2,), 32, 100)])
+def test_gate_kernel_matches_ops(dtype, shape, G, K):
+    x, weight, bias = random_gates(shape, G, K, dtype, key=K + G)
+    got = gates.launch(gates.kernel, x, weight, bias, 15.0)
+    want = large.head_gates_ops(x, weight, bias, 15.0)
+    assert [g.shape for g in got] == [w.shape for w in want] == [(*shape, G // 2)] * 2
+    assert_close(got, want, 1e-4, 1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("B, T", [(1, 1), (16, 1), (2, 5)])
+def test_packed_step_kernel_matches_ops(dtype, B, T):
+    args, packed = packed_step(B, T, 8, 256, 512, dtype, key=B + T)
+    got = kernels.mlstm_step_kernel(*args, packed=packed)
+    assert_close(flat(got), flat(ops.mlstm_step_ops(*args)), 1e-4, 1e-4)

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_lm_xlstm.kernels import chunk_states, gated_norm, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, step
 from mlx_lm_xlstm.kernels.spelling import METAL
 
 SHIM = Path(__file__).with_name("metal_shim.h")
@@ -54,11 +54,14 @@ def _zero_state(B, H, Dqk, Dv):
     return mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H))
 
 
-def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
+def _step_source(body, dtype, Dqk, Dv, B=2, H=2, packed=False):
     kernel = mx.fast.metal_kernel("mlstm_step", step.INPUTS, step.OUTPUTS, body)
 
     def call(q, k, v, i, log_f, C, n, m):
-        h, (C, n, m) = step.launch(kernel, q, k, v, i, log_f, C, n, m, 1e-6, verbose=True)
+        # packed: q, k, v read in place from one (B * T, E) array (xLSTM-7b's fused projection)
+        qkv = mx.concatenate([x.reshape(B * 3, -1) for x in (q, k, v)], axis=-1) if packed else None
+        layout = (qkv, (0, H * Dqk, 2 * H * Dqk)) if packed else None
+        h, (C, n, m) = step.launch(kernel, q, k, v, i, log_f, C, n, m, 1e-6, packed=layout, verbose=True)
         return h, C, n, m
 
     T = 3
@@ -73,7 +76,14 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2):
 )
 def test_step_kernel_passes_lint(dtype, Dqk, Dv):
     source = _step_source(step.source(METAL), dtype, Dqk, Dv)
-    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}, 2, 3>" in source
+    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}, 2, 3, {2 * Dqk}, {2 * Dqk}, {2 * Dv}, 0, 0, 0>" in source
+    result = lint(source)
+    assert result.returncode == 0, result.stderr
+
+
+def test_packed_step_kernel_passes_lint():
+    source = _step_source(step.source(METAL), mx.bfloat16, 256, 512, packed=True)
+    assert "<256, 512, 2, 3, 2048, 2048, 2048, 0, 512, 1024>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
 
@@ -145,3 +155,23 @@ def test_lint_catches_a_broken_gated_norm_kernel():
     body = gated_norm.source(METAL).replace("mean /= DV;", "mean /= DVV;")
     result = lint(_gated_norm_source(body, mx.float32, 40, True))
     assert result.returncode != 0 and "DVV" in result.stderr
+
+
+def _gates_source(body, dtype, G):
+    kernel = mx.fast.metal_kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body)
+    call = lambda x, w, b: list(gates.launch(kernel, x, w, b, 15.0, verbose=True))
+    return generated_metal_source(call, mx.zeros((2, 3, 40), dtype), mx.zeros((G, 40)), mx.zeros((G,)))
+
+
+@pytest.mark.parametrize("dtype, G", [(mx.bfloat16, 16), (mx.float32, 6), (mx.float16, 32)])
+def test_gates_kernel_passes_lint(dtype, G):
+    source = _gates_source(gates.source(METAL), dtype, G)
+    assert "simd_shuffle_xor" in source and "metal::precise::tanh" in source
+    result = lint(source)
+    assert result.returncode == 0, result.stderr
+
+
+def test_lint_catches_a_broken_gates_kernel():
+    body = gates.source(METAL).replace("const float u = ", "const float uu = ")
+    result = lint(_gates_source(body, mx.float32, 6))
+    assert result.returncode != 0 and "error" in result.stderr

@@ -173,10 +173,10 @@ def decode_cell_us(model, B):
     keys = mx.random.split(mx.random.key(B), 5)
     q, k = (mx.random.normal((B, 1, H, Dqk), key=keys[j]).astype(dtype) for j in (0, 1))
     v = mx.random.normal((B, 1, H, Dv), key=keys[2]).astype(dtype)
-    i, f = mx.random.normal((B, 1, H), key=keys[3]), 3 + mx.random.normal((B, 1, H), key=keys[4])
+    i, log_f = mx.random.normal((B, 1, H), key=keys[3]), -mx.abs(0.05 * mx.random.normal((B, 1, H), key=keys[4]))
     states = [(0.01 * mx.random.normal((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H))) for _ in range(L)]
-    mx.eval(q, k, v, i, f, states)
-    cell = mx.compile(lambda states: [mlstm.mlstm_update(q, k, v, i, f, s)[1] for s in states])
+    mx.eval(q, k, v, i, log_f, states)
+    cell = mx.compile(lambda states: [mlstm.mlstm_update(q, k, v, i, log_f, s)[1] for s in states])
     state_pass = mx.compile(lambda states: [(s[0] * 0.999 + 1e-3, s[1], s[2]) for s in states])
     us = lambda fn: 1e6 * timed(lambda: mx.eval(fn(states)), repeat=10) / L
     return us(cell), us(state_pass)

@@ -3,10 +3,11 @@
   - `step.py`: the recurrence of decode steps and other short calls (`mlstm.mlstm_step_ops`),
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
     the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`,
-  - `gated_norm.py`: xLSTM-7b's per-head norm and output gate (`large.gated_head_norm_ops`).
+  - `gated_norm.py`: xLSTM-7b's per-head norm and output gate (`large.gated_head_norm_ops`),
+  - `gates.py`: xLSTM-7b's input and forget gates from the tokens (`large.head_gates_ops`).
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
 `mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`
-likewise. A kernel applies when
+and `large.head_gates` likewise. A kernel applies when
   - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
@@ -15,6 +16,7 @@ On CUDA the kernels are compiled once per machine and kept there too (`cuda.py`)
 Each kernel has the reference's VJP (`mx.custom_function`), so training through it is exact.
 """
 
+import contextlib
 import functools
 import hashlib
 import warnings
@@ -25,17 +27,18 @@ import mlx.core as mx
 from . import chunk_states as _chunk_states
 from . import cuda as _cuda
 from . import gated_norm as _gated_norm
+from . import gates as _gates
 from . import step as _step
 
 __all__ = [
     "mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies",
-    "gated_head_norm_kernel", "gated_head_norm_kernel_applies",
+    "gated_head_norm_kernel", "gated_head_norm_kernel_applies", "head_gates_kernel", "head_gates_kernel_applies",
 ]
 
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # None: not checked yet; then True/False once the first-use comparison has run.
-_verified = {"step": None, "chunk_states": None, "gated_norm": None}
+_verified = {"step": None, "chunk_states": None, "gated_norm": None, "gates": None}
 
 
 def _reference():
@@ -55,6 +58,23 @@ def _on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+# Off while a decode step is traced (`without_vjp`).
+_with_vjp = True
+
+
+@contextlib.contextmanager
+def without_vjp():
+    """Kernels called inside run bare, not wrapped in their VJP: for the compiled decode step
+    and trim replays, which generation never differentiates; each wrapper is one more op
+    of every step for the host to run."""
+    global _with_vjp
+    saved, _with_vjp = _with_vjp, False
+    try:
+        yield
+    finally:
+        _with_vjp = saved
+
+
 def _with_ops_vjp(kernel_fn, ops_fn):
     """`kernel_fn` forward, differentiated through `ops_fn`, the pure-MLX function of the same
     arguments and (flattened) results: training through a kernel is exact."""
@@ -64,7 +84,7 @@ def _with_ops_vjp(kernel_fn, ops_fn):
     def fused_vjp(primals, cotangents, outputs):
         return tuple(mx.vjp(ops_fn, list(primals), list(cotangents))[1])
 
-    return fused
+    return lambda *args: fused(*args) if _with_vjp else kernel_fn(*args)
 
 
 def _flat(result):
@@ -77,6 +97,39 @@ def _fused_step(kernel, eps: float):
     return _with_ops_vjp(
         lambda *args: _flat(_step.launch(kernel, *args, eps)),
         lambda *args: _flat(_reference().mlstm_step_ops(*args, eps=eps)),
+    )
+
+
+def _unpacked(qkv, offsets, i, C):
+    """q, k, v: the columns of qkv (B * T rows) from these offsets, in heads."""
+    B, T, H = i.shape
+    Dqk, Dv = C.shape[-2:]
+    columns = lambda start, width: qkv[:, start : start + width].reshape(B, T, H, -1)
+    return columns(offsets[0], H * Dqk), columns(offsets[1], H * Dqk), columns(offsets[2], H * Dv)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_packed_step(kernel, eps: float, offsets: tuple):
+    """The step kernel reading q, k, v in place from one array: a function of (qkv, i, log_f, C, n, m)."""
+    return _with_ops_vjp(
+        lambda qkv, *rest: _flat(_step.launch(kernel, None, None, None, *rest, eps, packed=(qkv, offsets))),
+        lambda qkv, i, log_f, C, n, m: _flat(
+            _reference().mlstm_step_ops(*_unpacked(qkv, offsets, i, C), i, log_f, C, n, m, eps=eps)
+        ),
+    )
+
+
+def _packed_fits(packed, q, v) -> bool:
+    """q and v (B, T, H, D) are where `packed` says: columns of a (B * T, E) array of their dtype."""
+    qkv, offsets = packed
+    B, T, H, Dqk = q.shape
+    widths = (H * Dqk, H * Dqk, H * v.shape[-1])
+    return (
+        qkv.ndim == 2
+        and qkv.shape[0] == B * T
+        and qkv.dtype == q.dtype
+        and len(offsets) == 3
+        and all(0 <= o and o + w <= qkv.shape[1] for o, w in zip(offsets, widths))
     )
 
 
@@ -142,6 +195,15 @@ def _step_matches_ops() -> bool:
         got_h, got_state = _step.launch(_step.kernel, *args, 1e-6)
         if not _all_close((got_h, *got_state), (want_h, *want_state)):
             return False
+        # q, k, v read in place as columns of one array, after a column block that is not theirs
+        q, k, v = args[:3]
+        rows = lambda x: x.reshape(x.shape[0] * x.shape[1], -1)
+        qkv = mx.concatenate([rows(v), rows(q), rows(k), rows(v)], axis=-1)
+        width = q.shape[2] * q.shape[3]
+        offsets = (v.shape[2] * v.shape[3], v.shape[2] * v.shape[3] + width, v.shape[2] * v.shape[3] + 2 * width)
+        got_h, got_state = _step.launch(_step.kernel, None, None, None, *args[3:], 1e-6, packed=(qkv, offsets))
+        if not _all_close((got_h, *got_state), (want_h, *want_state)):
+            return False
     return True
 
 
@@ -179,10 +241,32 @@ def _gated_norm_matches_ops() -> bool:
     return True
 
 
-_CHECKS = {"step": _step_matches_ops, "chunk_states": _chunk_states_match_ops, "gated_norm": _gated_norm_matches_ops}
+def _random_gate_inputs(M=3, G=6, K=72, dtype=mx.float32):
+    """Tokens, fp32 gate weights and biases with pre-activations past the cap either way."""
+    keys = mx.random.split(mx.random.key(10), 3)
+    x = mx.random.normal((M, K), key=keys[0]).astype(dtype)
+    weight = 3.0 * mx.random.normal((G, K), key=keys[1]) * K**-0.5
+    bias = mx.array([30.0, -30.0] + [0.5] * (G - 2)) + mx.random.normal((G,), key=keys[2])
+    return x, weight, bias
 
 
-_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm}
+def _gates_match_ops() -> bool:
+    """The gate kernel against `large.head_gates_ops` (fp32 and bf16 tokens)."""
+    for dtype in (mx.float32, mx.bfloat16):
+        x, weight, bias = _random_gate_inputs(dtype=dtype)
+        want = _large_reference().head_gates_ops(x, weight, bias, 15.0)
+        if not _all_close(_gates.launch(_gates.kernel, x, weight, bias, 15.0), want):
+            return False
+    return True
+
+
+_CHECKS = {
+    "step": _step_matches_ops, "chunk_states": _chunk_states_match_ops, "gated_norm": _gated_norm_matches_ops,
+    "gates": _gates_match_ops,
+}
+
+
+_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm, "gates": _gates}
 
 
 def _verdict_file(name: str):
@@ -227,9 +311,15 @@ def mlstm_step_kernel_applies(q, k, v, i, log_f, C, n, m) -> bool:
     return _step.kernel is not None and _on_gpu() and _step_shapes_fit(q, k, v, i, log_f, C, n, m) and _kernel_ok("step")
 
 
-def mlstm_step_kernel(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """T recurrent steps by the kernel; arguments and result as `mlstm.mlstm_step_ops`."""
-    h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
+def mlstm_step_kernel(q, k, v, i, log_f, C, n, m, eps=1e-6, packed=None):
+    """T recurrent steps by the kernel; arguments and result as `mlstm.mlstm_step_ops`.
+    packed: (qkv, (q_off, k_off, v_off)) where q, k, v are those columns of qkv (B * T rows),
+    which the kernel then reads in place (`step.launch`), or None."""
+    if packed is not None and _packed_fits(packed, q, v):
+        qkv, offsets = packed
+        h, C, n, m = _fused_packed_step(_step.kernel, float(eps), tuple(offsets))(qkv, i, log_f, C, n, m)
+    else:
+        h, C, n, m = _fused_step(_step.kernel, float(eps))(q, k, v, i, log_f, C, n, m)
     return h, (C, n, m)
 
 
@@ -267,12 +357,12 @@ def _fused_gated_norm(kernel, o_start: int, eps: float, bias: bool):
 
 
 def gated_head_norm_kernel_applies(h, qkvo, weight, bias, o_start) -> bool:
-    if _gated_norm.kernel is None or not _on_gpu() or h.ndim != 4 or qkvo.ndim != 3:
+    if _gated_norm.kernel is None or not _on_gpu() or h.ndim < 3 or qkvo.ndim < 1:
         return False
-    B, T, H, Dv = h.shape
+    H, Dv = h.shape[-2:]
     return (
         h.dtype == _STATE_DTYPE
-        and qkvo.shape[:2] == (B, T)
+        and h.size == qkvo.size // qkvo.shape[-1] * H * Dv
         and qkvo.shape[-1] - o_start == H * Dv
         and weight.shape == (H * Dv,)
         and (bias is None or bias.shape == weight.shape)
@@ -285,3 +375,32 @@ def gated_head_norm_kernel(h, qkvo, weight, bias, o_start, eps=1e-6):
     """The gated head norm by the kernel; arguments and result as `large.gated_head_norm_ops`."""
     fused = _fused_gated_norm(_gated_norm.kernel, int(o_start), float(eps), bias is not None)
     return fused(h, qkvo, weight, *(() if bias is None else (bias,)))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_gates(kernel, cap: float):
+    return _with_ops_vjp(
+        lambda *args: list(_gates.launch(kernel, *args, cap)),
+        lambda *args: list(_large_reference().head_gates_ops(*args, cap)),
+    )
+
+
+def head_gates_kernel_applies(x, weight, bias) -> bool:
+    if _gates.kernel is None or not _on_gpu() or x.ndim < 1 or weight.ndim != 2:
+        return False
+    G, K = weight.shape
+    return (
+        x.shape[-1] == K
+        and G % 2 == 0
+        and 0 < G <= _gates.MAX_ROWS
+        and bias.shape == (G,)
+        and weight.dtype == bias.dtype == mx.float32
+        and x.dtype in _INPUT_DTYPES
+        and _kernel_ok("gates")
+    )
+
+
+def head_gates_kernel(x, weight, bias, cap: float):
+    """The gates by the kernel; arguments and results as `large.head_gates_ops`."""
+    i, log_f = _fused_gates(_gates.kernel, float(cap))(x, weight, bias)
+    return i, log_f

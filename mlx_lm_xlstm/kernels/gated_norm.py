@@ -6,7 +6,7 @@ With ops this is a LayerNorm launch, then a fused multiply-and-gate launch, with
 written twice between them; the kernel reads h and o once and writes the result once
 (7B shape, H200: 12.5 against 20-22 us a layer at batch 1, one launch in place of two).
 
-Work split: one threadgroup of TPB threads per (sequence, token, head), all along the grid's x
+Work split: one threadgroup of TPB threads per (token, head), all along the grid's x
 (a batch of prompts has more rows than a CUDA grid's y or z takes); each thread keeps
 DV / TPB of the head's values in registers; the sums of the mean and of the variance meet
 by lane shuffles within each simdgroup / warp, then in threadgroup memory.
@@ -42,7 +42,7 @@ def _threadgroup_sum(value: str, total: str) -> str:
 _BODY = (
     """
     const uint row = GID_X / TPB;
-    const uint bt = row / NH;
+    const uint token = row / NH;
     const uint head = row % NH;
     const uint tid = TID_X;
     constexpr uint PER = (DV + TPB - 1) / TPB;
@@ -81,8 +81,8 @@ _BODY = (
             if (HAS_BIAS) {
                 y += float(bias[ch]);
             }
-            const float o = float(qkvo[(size_t)bt * E + O_START + ch]);
-            out[(size_t)bt * (NH * DV) + ch] = static_cast<T>(y / (1.0f + EXP(-o)));
+            const float o = float(qkvo[(size_t)token * E + O_START + ch]);
+            out[(size_t)token * (NH * DV) + ch] = static_cast<T>(y / (1.0f + EXP(-o)));
         }
     }
 """
@@ -118,7 +118,7 @@ def threads(Dv: int) -> int:
 def launch(kernel, h, qkvo, weight, bias, o_start, eps, verbose=False):
     """Run `kernel` (built from this module's source); arguments and result as
     `mlx_lm_xlstm.large.gated_head_norm_ops`. bias None: no bias."""
-    B, T, H, Dv = h.shape
+    H, Dv = h.shape[-2:]
     tpb = threads(Dv)
     out = kernel(
         inputs=[h, qkvo, weight, weight if bias is None else bias, mx.array([eps], mx.float32)],
@@ -126,9 +126,9 @@ def launch(kernel, h, qkvo, weight, bias, o_start, eps, verbose=False):
             ("T", qkvo.dtype), ("NH", H), ("DV", Dv), ("TPB", tpb), ("E", qkvo.shape[-1]),
             ("O_START", o_start), ("HAS_BIAS", int(bias is not None)),
         ],
-        grid=(tpb * B * T * H, 1, 1),  # rows along x: a grid's y and z stop at 65,535 on CUDA
+        grid=(tpb * (h.size // Dv), 1, 1),  # rows along x: a grid's y and z stop at 65,535 on CUDA
         threadgroup=(tpb, 1, 1),
-        output_shapes=[(B, T, H * Dv)],
+        output_shapes=[(*qkvo.shape[:-1], H * Dv)],
         output_dtypes=[qkvo.dtype],
         verbose=verbose,
     )

@@ -11,6 +11,8 @@ METAL = {
     "MAX": "metal::max",
     "ABS": "metal::abs",
     "EXP": "metal::exp",
+    "LOG": "metal::precise::log",
+    "TANH": "metal::precise::tanh",
     "RSQRT": "metal::rsqrt",
     "SHUFFLE_XOR": "simd_shuffle_xor",
     "SHARED": "threadgroup",
@@ -26,6 +28,8 @@ CUDA = {
     "MAX": "fmaxf",
     "ABS": "fabsf",
     "EXP": "expf",
+    "LOG": "logf",
+    "TANH": "tanhf",
     "RSQRT": "rsqrtf",
     "SHUFFLE_XOR": "shuffle_xor",  # kernels/cuda.py's PRELUDE: a whole warp's __shfl_xor_sync
     "SHARED": "__shared__",

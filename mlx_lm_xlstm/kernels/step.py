@@ -19,8 +19,10 @@ the launch bounds cap a thread at 64 registers (from 72), so that two threadgrou
 SM: one computes while the other waits on its loads (7B shape, H200: the batch-16 cell from
 117 to 98 us a layer, batch-16 decode +15-25%, batch 1 level).
 The threadgroup that owns column 0 writes n and m. Inputs and h are in the model's
-(B, T, H, D) layout (no transposes). STEPS is a launch argument on CUDA and a template
-constant on Metal.
+(B, T, H, D) layout (no transposes); q, k and v may be columns of one wider array (a token's
+row Q_STRIDE elements long, q from column Q_OFF, and so on): xLSTM-7b's fused projection,
+read in place (at batch > 1 their slices are not contiguous, and would be copied first).
+STEPS is a launch argument on CUDA and a template constant on Metal.
 """
 
 import mlx.core as mx
@@ -61,20 +63,23 @@ _BODY = """
     float m_run = m[bh];
 
     for (uint t = 0; t < STEPS; ++t) {
-        const size_t at = ((size_t)b * STEPS + t) * NH + head;
+        const size_t token = (size_t)b * STEPS + t;
+        const size_t at = token * NH + head;
+        const size_t q_at = token * Q_STRIDE + Q_OFF + head * DQK;
+        const size_t k_at = token * K_STRIDE + K_OFF + head * DQK;
         const float lf = log_f[at];
         const float ig = i[at];
         const float m_new = MAX(lf + m_run, ig);
         const float f_act = EXP(lf + m_run - m_new);
         const float i_act = EXP(ig - m_new);
         for (uint a = tid; a < DQK; a += 32 * ROWS) {
-            const float k_a = i_act * float(k[at * DQK + a]);
+            const float k_a = i_act * float(k[k_at + a]);
             k_s[a] = k_a;
-            q_s[a] = scale * float(q[at * DQK + a]);
+            q_s[a] = scale * float(q[q_at + a]);
             n_s[a] = f_act * n_s[a] + k_a;
         }
         BARRIER;
-        const float v_d = live ? float(v[at * DV + d]) : 0.0f;
+        const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
         float num = 0.0f;
         float den = 0.0f;
         #pragma unroll
@@ -145,16 +150,26 @@ def _build():
 BUILT = kernel = _build()
 
 
-def launch(kernel, q, k, v, i, log_f, C, n, m, eps, verbose=False):
+def launch(kernel, q, k, v, i, log_f, C, n, m, eps, packed=None, verbose=False):
     """Run `kernel` (built from this module's source) on T tokens; shapes as in
-    `mlx_lm_xlstm.mlstm.mlstm_step_ops`. Returns h (B, T, H, Dv) fp32 and the new (C, n, m)."""
+    `mlx_lm_xlstm.mlstm.mlstm_step_ops`. packed: None, or (qkv, (q_off, k_off, v_off)) with
+    q, k and v those columns of qkv (B * T rows), which the kernel reads in their place.
+    Returns h (B, T, H, Dv) fp32 and the new (C, n, m)."""
     B, H, Dqk, Dv = C.shape
-    T = q.shape[1]
+    T = i.shape[1]
     f32 = mx.float32
     columns = -(-Dv // 32) * 32
+    if packed is None:
+        sources, strides, offsets = [q, k, v], (H * Dqk, H * Dqk, H * Dv), (0, 0, 0)
+    else:
+        qkv, offsets = packed
+        sources, strides = [qkv] * 3, (qkv.shape[-1],) * 3
     h, C, n, m = kernel(
-        inputs=[q, k, v, i.astype(f32), log_f.astype(f32), C, n, m, mx.array([eps], f32)],
-        template=[("DQK", Dqk), ("DV", Dv), ("NH", H), ("STEPS", T)],
+        inputs=[*sources, i.astype(f32), log_f.astype(f32), C, n, m, mx.array([eps], f32)],
+        template=[
+            ("DQK", Dqk), ("DV", Dv), ("NH", H), ("STEPS", T),
+            *zip(("Q_STRIDE", "K_STRIDE", "V_STRIDE"), strides), *zip(("Q_OFF", "K_OFF", "V_OFF"), offsets),
+        ],
         grid=(columns, ROWS, B * H),
         threadgroup=(32, ROWS, 1),
         output_shapes=[(B, T, H, Dv), C.shape, n.shape, m.shape],

@@ -15,7 +15,7 @@ from mlx.nn.layers.distributed import shard_linear
 
 from ..cache import StateSlots
 from ..distributed import HeadGatesFromShards, local_channels, split_channels
-from ..mlstm import GateProjection, mlstm_update
+from ..mlstm import GateProjection, log_sigmoid, mlstm_update
 from .components import CausalConv1d, LinearHeadwiseExpand, MultiHeadLayerNorm, silu, small_init, wang_init
 
 CHUNK_SIZE = 64
@@ -40,7 +40,8 @@ class mLSTMCell(nn.Module):
         gate_in = mx.concatenate([q, k, v], axis=-1)
         heads = lambda y: y.reshape(B, T, self.num_heads, -1)
         h, state = mlstm_update(
-            heads(q), heads(k), heads(v), self.igate(gate_in), self.fgate(gate_in), state, mask, chunk_size=CHUNK_SIZE
+            heads(q), heads(k), heads(v), self.igate(gate_in), log_sigmoid(self.fgate(gate_in)), state, mask,
+            chunk_size=CHUNK_SIZE,
         )
         return self.outnorm(h), state
 

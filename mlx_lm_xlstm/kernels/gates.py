@@ -1,0 +1,84 @@
+"""xLSTM-7b's gates (`mlx_lm_xlstm.large.head_gates_ops`): the fp32 gate projection of each
+token, its bias, the soft cap, and the forget gates' log-sigmoid, in one launch. One kernel
+for Metal and one for CUDA, same algorithm.
+
+With ops these are a cast of the tokens to fp32, a matmul, the bias-and-cap launch and the
+log-sigmoid launch (the split between them ends a fused run): four launches a layer for
+sixteen numbers a token, and a decode step's time is the host's, launch by launch.
+
+Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
+forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (the gate
+weights stay fp32: exponential gates amplify rounding), the lanes meet by shuffles, and
+lane 0 finishes the row.
+"""
+
+import mlx.core as mx
+
+from . import cuda
+from .spelling import CUDA, METAL, spell
+
+_BODY = """
+    const uint row = TID_X / 32;
+    const uint lane = TID_X % 32;
+    const uint token = GID_X / (32 * G);
+    float s = 0.0f;
+    for (uint k = lane; k < K; k += 32) {
+        s += float(x[(size_t)token * K + k]) * w[(size_t)row * K + k];
+    }
+    for (uint lanes = 16; lanes > 0; lanes /= 2) {
+        s += SHUFFLE_XOR(s, lanes);
+    }
+    if (lane == 0) {
+        const float g = cap[0] * TANH((s + bias[row]) / cap[0]);
+        if (row < G / 2) {
+            i_out[token * (G / 2) + row] = g;
+        } else {
+            // log-sigmoid(g) = -(max(-g, 0) + log1p(exp(-|g|))); log1p by log(u) * e / (u - 1),
+            // exact where 1 + e rounds (Metal has no log1p)
+            const float e = EXP(-ABS(g));
+            const float u = 1.0f + e;
+            const float softplus = u == 1.0f ? e : LOG(u) * e / (u - 1.0f);
+            log_f_out[token * (G / 2) + row - G / 2] = -(MAX(-g, 0.0f) + softplus);
+        }
+    }
+"""
+
+
+def source(backend: dict) -> str:
+    """The kernel body for one backend (`spelling.METAL` or `spelling.CUDA`)."""
+    return spell(_BODY, backend)
+
+
+INPUTS = ["x", "w", "bias", "cap"]
+OUTPUTS = ["i_out", "log_f_out"]
+# The most gate rows a threadgroup takes (a warp each): 1024 threads.
+MAX_ROWS = 32
+
+
+def _build():
+    if mx.metal.is_available():
+        return mx.fast.metal_kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(METAL))
+    if mx.cuda.is_available():
+        return cuda.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(CUDA), runtime=["K"])
+    return None
+
+
+# The kernel built for this machine; `kernel` is what runs (tests stand another one in).
+BUILT = kernel = _build()
+
+
+def launch(kernel, x, weight, bias, cap, verbose=False):
+    """Run `kernel` (built from this module's source); arguments and results as
+    `mlx_lm_xlstm.large.head_gates_ops`: x (..., K); returns i, log_f (..., G / 2) fp32."""
+    G, K = weight.shape
+    tokens = x.size // K
+    i, log_f = kernel(
+        inputs=[x, weight, bias, mx.array([cap], mx.float32)],
+        template=[("G", G), ("K", K)],
+        grid=(32 * G * tokens, 1, 1),
+        threadgroup=(32 * G, 1, 1),
+        output_shapes=[(*x.shape[:-1], G // 2)] * 2,
+        output_dtypes=[mx.float32] * 2,
+        verbose=verbose,
+    )
+    return i, log_f
