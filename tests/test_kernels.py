@@ -455,12 +455,14 @@ def random_gates(shape, G, K, dtype, key=17):
     return x, weight, bias
 
 
-def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates):
+@pytest.mark.parametrize("weight_dtype", [mx.float32, mx.bfloat16])  # a folder may hold bf16 gates
+def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates, weight_dtype):
     kernel = stand_in_gates()
     x, weight, bias = random_gates((2, 3), 8, 40, mx.bfloat16)
+    weight, bias = weight.astype(weight_dtype), bias.astype(weight_dtype)
     got = large.head_gates(x, weight, bias, 15.0)
     assert kernel.calls >= 2 and kernels._verified["gates"] is True
-    assert [g.shape for g in got] == [(2, 3, 4)] * 2
+    assert [(g.shape, g.dtype) for g in got] == [((2, 3, 4), mx.float32)] * 2
     assert_close(got, large.head_gates_ops(x, weight, bias, 15.0), 1e-6, 1e-6)
 
 
@@ -490,7 +492,7 @@ def test_a_wrong_gate_kernel_warns_and_falls_back(stand_in_gates, monkeypatch):
 def test_gates_take_the_ops_path_for_inputs_they_do_not_take(stand_in_gates):
     kernel = stand_in_gates()
     x, weight, bias = random_gates((1, 2), 4, 16, mx.float32)
-    large.head_gates(x, weight.astype(mx.bfloat16), bias, 15.0)  # gate weights not fp32
+    large.head_gates(x, weight.astype(mx.int32), bias, 15.0)  # gate weights not floating point
     large.head_gates(x.astype(mx.int32), weight, bias, 15.0)  # tokens of a dtype it does not read
     x, weight, bias = random_gates((1, 2), 2 * gates.MAX_ROWS, 16, mx.float32)
     large.head_gates(x, weight, bias, 15.0)  # more rows than a threadgroup's warps
@@ -724,6 +726,8 @@ def test_gated_norm_kernel_matches_ops(dtype, B, T, H, Dv, bias):
 @pytest.mark.parametrize("shape, G, K", [((1, 1), 16, 4096), ((16, 1), 16, 4096), ((1, 2048), 16, 4096), ((3, 5), 6, 72), ((2,), 32, 100)])
 def test_gate_kernel_matches_ops(dtype, shape, G, K):
     x, weight, bias = random_gates(shape, G, K, dtype, key=K + G)
+    if dtype == mx.bfloat16:  # bf16 gate weights, as the demo folder has them
+        weight, bias = weight.astype(dtype), bias.astype(dtype)
     got = gates.launch(gates.kernel, x, weight, bias, 15.0)
     want = large.head_gates_ops(x, weight, bias, 15.0)
     assert [g.shape for g in got] == [w.shape for w in want] == [(*shape, G // 2)] * 2

@@ -7,9 +7,10 @@ log-sigmoid launch (the split between them ends a fused run): four launches a la
 sixteen numbers a token, and a decode step's time is the host's, launch by launch.
 
 Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
-forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (the gate
-weights stay fp32: exponential gates amplify rounding), the lanes meet by shuffles, and
-lane 0 finishes the row.
+forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (exponential
+gates amplify rounding), the lanes meet by shuffles, and
+lane 0 finishes the row. The gate weights may be stored in bf16 (a folder converted without the fp32 gates): they
+are read as fp32, as the ops path casts them.
 """
 
 import mlx.core as mx
@@ -23,13 +24,13 @@ _BODY = """
     const uint token = GID_X / (32 * G);
     float s = 0.0f;
     for (uint k = lane; k < K; k += 32) {
-        s += float(x[(size_t)token * K + k]) * w[(size_t)row * K + k];
+        s += float(x[(size_t)token * K + k]) * float(w[(size_t)row * K + k]);
     }
     for (uint lanes = 16; lanes > 0; lanes /= 2) {
         s += SHUFFLE_XOR(s, lanes);
     }
     if (lane == 0) {
-        const float g = cap[0] * TANH((s + bias[row]) / cap[0]);
+        const float g = cap[0] * TANH((s + float(bias[row])) / cap[0]);
         if (row < G / 2) {
             i_out[token * (G / 2) + row] = g;
         } else {
