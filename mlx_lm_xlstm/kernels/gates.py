@@ -9,8 +9,8 @@ sixteen numbers a token, and a decode step's time is the host's, launch by launc
 Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
 forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (exponential
 gates amplify rounding), the lanes meet by shuffles, and
-lane 0 finishes the row. The gate weights may be stored in bf16 (a folder converted without the fp32 gates): they
-are read as fp32, as the ops path casts them.
+lane 0 finishes the row. A folder may hold the gate weights in bf16 (mlx_lm.convert keeps
+them fp32): they are read as fp32, as the ops path casts them.
 """
 
 import mlx.core as mx
