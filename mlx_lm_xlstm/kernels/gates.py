@@ -4,13 +4,14 @@ for Metal and one for CUDA, same algorithm.
 
 With ops these are a cast of the tokens to fp32, a matmul, the bias-and-cap launch and the
 log-sigmoid launch (the split between them ends a fused run): four launches a layer for
-sixteen numbers a token, and a decode step's time is the host's, launch by launch.
+sixteen numbers a token, and a decode step pays for each launch, on the host (MLX encodes
+every op) and on the GPU.
 
 Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
 forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (exponential
-gates amplify rounding), the lanes meet by shuffles, and
-lane 0 finishes the row. A folder may hold the gate weights in bf16 (mlx_lm.convert keeps
-them fp32): they are read as fp32, as the ops path casts them.
+gates amplify rounding), the lanes meet by shuffles, and lane 0 finishes the row. A folder
+may hold the gate weights in bf16 (mlx_lm.convert keeps them fp32): they are read as fp32,
+as the ops path casts them.
 """
 
 import mlx.core as mx
