@@ -117,19 +117,6 @@ def head_gates(x, weight, bias, cap: float):
     return head_gates_ops(x, weight, bias, cap)
 
 
-def add_rms_norm_ops(x, y, weight, eps: float):
-    """x + y (in their dtype) and its RMSNorm with weight: a residual add and the norm after it."""
-    total = x + y
-    return total, mx.fast.rms_norm(total, weight, eps)
-
-
-def add_rms_norm(x, y, weight, eps: float):
-    """`add_rms_norm_ops` by the fused kernel where it applies (one launch for two)."""
-    if fast_path_enabled() and kernels.add_rms_norm_kernel_applies(x, y, weight):
-        return kernels.add_rms_norm_kernel(x, y, weight, eps)
-    return add_rms_norm_ops(x, y, weight, eps)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float, bias: bool):
         super().__init__()
@@ -141,13 +128,6 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         y = mx.fast.rms_norm(x, self.weight, self.eps)
         return y + self.bias if "bias" in self else y
-
-    def after_residual(self, x, delta):
-        """(x + delta, this norm of it): the residual stream and the next sublayer's input."""
-        if "bias" in self:
-            x = x + delta
-            return x, self(x)
-        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def gated_head_norm_ops(h, qkvo, weight, bias, o_start: int, eps: float):
@@ -277,8 +257,8 @@ class mLSTMBlock(nn.Module):
         # shape: 39 ops a layer, 4.8 ms of host time a step at batch 1, the GPU's 5).
         B, T, D = x.shape
         x = x.reshape(B * T, D)
-        x, h = self.norm_ffn.after_residual(x, self.mlstm_layer(self.norm_mlstm(x), (B, T), mask, cache))
-        x = x + self.ffn(h)
+        x = x + self.mlstm_layer(self.norm_mlstm(x), (B, T), mask, cache)
+        x = x + self.ffn(self.norm_ffn(x))
         return x.reshape(B, T, D)
 
 

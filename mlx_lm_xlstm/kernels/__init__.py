@@ -4,11 +4,10 @@
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
     the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`,
   - `gated_norm.py`: xLSTM-7b's per-head norm and output gate (`large.gated_head_norm_ops`),
-  - `gates.py`: xLSTM-7b's input and forget gates from the tokens (`large.head_gates_ops`),
-  - `add_norm.py`: a residual add with the RMSNorm after it (`large.add_rms_norm_ops`).
+  - `gates.py`: xLSTM-7b's input and forget gates from the tokens (`large.head_gates_ops`).
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
 `mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`
-`large.head_gates` and `large.add_rms_norm` likewise. A kernel applies when
+and `large.head_gates` likewise. A kernel applies when
   - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import add_norm as _add_norm
 from . import chunk_states as _chunk_states
 from . import cuda as _cuda
 from . import gated_norm as _gated_norm
@@ -35,13 +33,12 @@ from . import step as _step
 __all__ = [
     "mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies",
     "gated_head_norm_kernel", "gated_head_norm_kernel_applies", "head_gates_kernel", "head_gates_kernel_applies",
-    "add_rms_norm_kernel", "add_rms_norm_kernel_applies",
 ]
 
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # None: not checked yet; then True/False once the first-use comparison has run.
-_verified = {"step": None, "chunk_states": None, "gated_norm": None, "gates": None, "add_norm": None}
+_verified = {"step": None, "chunk_states": None, "gated_norm": None, "gates": None}
 
 
 def _reference():
@@ -268,32 +265,13 @@ def _gates_match_ops() -> bool:
     return True
 
 
-def _add_norm_matches_ops() -> bool:
-    """The residual add and RMSNorm against `large.add_rms_norm_ops` (fp32, and bf16 with a
-    width that leaves threads idle). The sums match exactly (one rounding each); the norms
-    to rounding (bf16: an ulp or two, the ops and the kernel multiply in another order)."""
-    for dtype, D in ((mx.float32, 72), (mx.bfloat16, 4100)):
-        keys = mx.random.split(mx.random.key(11), 3)
-        x = (3.0 * mx.random.normal((3, D), key=keys[0])).astype(dtype)
-        y = mx.random.normal((3, D), key=keys[1]).astype(dtype)
-        weight = (1.0 + 0.5 * mx.random.normal((D,), key=keys[2])).astype(dtype)
-        (want_sum, want), (got_sum, got) = _large_reference().add_rms_norm_ops(x, y, weight, 1e-6), _add_norm.launch(_add_norm.kernel, x, y, weight, 1e-6)
-        if not mx.array_equal(got_sum, want_sum).item():
-            return False
-        got, want = got.astype(mx.float32), want.astype(mx.float32)
-        close = _all_close((got,), (want,)) if dtype == mx.float32 else mx.allclose(got, want, rtol=2**-6, atol=2**-7).item()
-        if not close:
-            return False
-    return True
-
-
 _CHECKS = {
     "step": _step_matches_ops, "chunk_states": _chunk_states_match_ops, "gated_norm": _gated_norm_matches_ops,
-    "gates": _gates_match_ops, "add_norm": _add_norm_matches_ops,
+    "gates": _gates_match_ops,
 }
 
 
-_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm, "gates": _gates, "add_norm": _add_norm}
+_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm, "gates": _gates}
 
 
 def _verdict_file(name: str):
@@ -430,30 +408,3 @@ def head_gates_kernel(x, weight, bias, cap: float):
     """The gates by the kernel; arguments and results as `large.head_gates_ops`."""
     i, log_f = _fused_gates(_gates.kernel, float(cap))(x, weight, bias)
     return i, log_f
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_add_norm(kernel, eps: float):
-    return _with_ops_vjp(
-        lambda *args: list(_add_norm.launch(kernel, *args, eps)),
-        lambda *args: list(_large_reference().add_rms_norm_ops(*args, eps)),
-    )
-
-
-def add_rms_norm_kernel_applies(x, y, weight) -> bool:
-    return (
-        _add_norm.kernel is not None
-        and _on_gpu()
-        and x.ndim >= 1
-        and x.shape == y.shape
-        and weight.shape == x.shape[-1:]
-        and x.dtype == y.dtype
-        and all(a.dtype in _INPUT_DTYPES for a in (x, weight))
-        and _kernel_ok("add_norm")
-    )
-
-
-def add_rms_norm_kernel(x, y, weight, eps: float):
-    """The residual add and RMSNorm by the kernel; arguments and results as `large.add_rms_norm_ops`."""
-    total, normed = _fused_add_norm(_add_norm.kernel, float(eps))(x, y, weight)
-    return total, normed

@@ -20,7 +20,7 @@ from . import cuda
 from .spelling import CUDA, METAL, spell
 
 
-def threadgroup_sum(value: str, total: str) -> str:
+def _threadgroup_sum(value: str, total: str) -> str:
     """Body lines that set `total` to the sum of every thread's `value`: lane shuffles within
     each simdgroup / warp, then its partial sums in threadgroup memory."""
     return f"""
@@ -57,7 +57,7 @@ _BODY = (
         sum += x[j];
     }
 """
-    + threadgroup_sum("sum", "mean")
+    + _threadgroup_sum("sum", "mean")
     + """
     mean /= DV;
     float squares = 0.0f;
@@ -68,7 +68,7 @@ _BODY = (
         squares += x[j] * x[j];
     }
 """
-    + threadgroup_sum("squares", "var")
+    + _threadgroup_sum("squares", "var")
     + """
     const float inv_std = RSQRT(var / DV + eps[0]);
 
