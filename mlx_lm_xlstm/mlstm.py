@@ -39,7 +39,7 @@ STEP_CALL = 17
 
 class GateProjection(nn.Module):
     """Gate pre-activations, one per head (and gate: xLSTM-7b holds the input and forget
-    gates' in one), in fp32.
+    gates' in one, and reads them through `large.head_gates`), in fp32.
 
     Not an nn.Linear on purpose: without `to_quantized`, no quantization recipe of
     mlx-lm touches it, and the exponential gates stay exact.
@@ -53,7 +53,7 @@ class GateProjection(nn.Module):
 
     def __call__(self, x):
         # A matmul and an add, not addmm: on CUDA, MLX takes a bias epilogue to cuBLAS and
-        # a bare matrix-vector product to its own gemv, and the add fuses with the soft cap.
+        # a bare matrix-vector product to its own gemv.
         return x.astype(mx.float32) @ self.weight.astype(mx.float32).T + self.bias
 
 
