@@ -245,8 +245,8 @@ def mlstm_update(
 
     q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i: (B, T, H) the input gates' pre-activations;
     log_f: (B, T, H) the forget gates' log-sigmoid (`log_sigmoid` of their pre-activations:
-    xLSTM-7b's come from a kernel with its projection, `large.head_gates`); state: (C, n, m) or None for the zero state; mask: (B, T) or None
-    (masked steps leave the state as it is).
+    xLSTM-7b's come from a kernel with its projection, `large.head_gates`); state: (C, n, m)
+    or None for the zero state; mask: (B, T) or None (masked steps leave the state as it is).
     Calls of at most STEP_CALL tokens run token by token in the step kernel where it
     applies; otherwise one token runs the recurrent step and more run chunkwise, in pieces
     of at most `max_piece` tokens (a working set bounded whatever the length, the same
