@@ -23,3 +23,12 @@ def test_launches_per_layer_of_the_decode_step_are_fewer_than_of_a_prompt_step()
     model = bench.build_model("tiny", mx.float32)
     decode, prompt = bench.launches_per_layer(model, 1), bench.launches_per_layer(model, 64)
     assert 5 < decode < prompt
+    counts = bench.ops_per_layer(model, 1)
+    assert counts["launches"] == decode < counts["ops"]  # views are ops the host encodes too
+
+
+def test_the_decode_host_split_is_part_of_the_step():
+    model = bench.build_model("tiny", mx.float32)
+    split = bench.decode_host_ms(model, 2, steps=8)
+    assert 0 < split["build_ms"] and 0 < split["encode_ms"]
+    assert split["build_ms"] + split["encode_ms"] <= 1.05 * split["step_ms"]

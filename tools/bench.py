@@ -27,6 +27,9 @@ Numbers:
                   random vectors, all evaluated together, no recurrence (the decode ceiling)
   launches/layer  kernel launches per layer of one decode step (compiled) or one 2048-token
                   prefill step: the nodes of its graph (mx.export_to_dot) but views
+  ops/layer       the same graph's nodes, views too: the host encodes each of them
+  decode host ms  a compiled decode step as mlx-lm's loop runs it: the host's time to build
+                  its graph and to encode it (mx.async_eval), beside the whole step
   decode cell us  one decode step's mLSTM cell per layer (step kernel where it applies),
                   beside a plain elementwise pass over the same states ("state pass": the
                   bytes the cell moves, at MLX's own kernel speed)
@@ -187,24 +190,61 @@ VIEWS = {"Reshape", "Flatten", "Unflatten", "Squeeze", "ExpandDims", "Transpose"
          "AsStrided", "Split", "StopGradient", "Depends"}
 
 
-def launches(outputs) -> int:
-    """Kernel launches in the graph that evaluates `outputs`: its nodes but views (a compiled
-    function's fused elementwise run counts once; a matmul as one, whatever MLX splits it into)."""
+def graph_ops(outputs) -> list:
+    """The ops (primitives) of the graph that evaluates `outputs`, by name: the host encodes
+    each of them (a compiled function's fused elementwise run is one)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "graph.dot")
         mx.export_to_dot(path, *outputs)
-        labels = re.findall(r'\[label ="(\w+)", shape=rectangle\]', open(path).read())
-    return sum(label not in VIEWS for label in labels)
+        return re.findall(r'\[label ="(\w+)", shape=rectangle\]', open(path).read())
+
+
+def launches(outputs) -> int:
+    """Kernel launches in the graph that evaluates `outputs`: its ops but views (a matmul as
+    one, whatever MLX splits it into)."""
+    return sum(op not in VIEWS for op in graph_ops(outputs))
+
+
+def ops_per_layer(model, T, B=1) -> dict:
+    """Ops and kernel launches of one call on T tokens after a prompt (T = 1: the compiled
+    decode step; T = PREFILL_STEP: a prefill step), each divided by the number of layers."""
+    _, cache = prefill(model, tokens(B, 8, model.args.vocab_size, seed=B))
+    logits = model(tokens(B, T, model.args.vocab_size, seed=T), cache=cache)
+    ops = graph_ops([logits, *[a for c in cache for a in c.cache]])
+    mx.eval(logits, [c.cache for c in cache])
+    L = len(model.layers)
+    return dict(ops=len(ops) / L, launches=sum(op not in VIEWS for op in ops) / L)
 
 
 def launches_per_layer(model, T, B=1):
-    """Kernel launches of one call on T tokens after a prompt (T = 1: the compiled decode step;
-    T = PREFILL_STEP: a prefill step), divided by the number of layers."""
-    _, cache = prefill(model, tokens(B, 8, model.args.vocab_size, seed=B))
-    logits = model(tokens(B, T, model.args.vocab_size, seed=T), cache=cache)
-    count = launches([logits, *[a for c in cache for a in c.cache]])
-    mx.eval(logits, [c.cache for c in cache])
-    return count / len(model.layers)
+    return ops_per_layer(model, T, B)["launches"]
+
+
+def decode_host_ms(model, B, steps=32) -> dict:
+    """Host milliseconds of a compiled decode step, as mlx-lm's loop runs it (each step queued
+    before the previous one is waited for): building its graph (the model call) and encoding
+    it (`mx.async_eval`), beside the whole step. Build + encode near the step: the host sets
+    the pace (MLX keeps at most 10 command buffers in flight)."""
+    logits, cache = prefill(model, tokens(B, 8, model.args.vocab_size, seed=B))
+    y = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    build = encode = 0.0
+    start, previous = time.perf_counter(), None
+    for j in range(steps + 4):
+        if j == 4:
+            build = encode = 0.0
+            start = time.perf_counter()
+        t = time.perf_counter()
+        out = model(y, cache=cache)
+        t1 = time.perf_counter()
+        y = mx.argmax(out[:, -1], axis=-1)[:, None]
+        mx.async_eval(y)
+        build, encode = build + t1 - t, encode + time.perf_counter() - t1
+        if previous is not None:
+            mx.eval(previous)
+        previous = y
+    mx.eval(y)
+    ms = lambda s: 1e3 * s / steps
+    return dict(build_ms=ms(build), encode_ms=ms(encode), step_ms=ms(time.perf_counter() - start))
 
 
 def step_loop_tok_s(model, T):
@@ -508,7 +548,9 @@ def add_decode(row, model, batches, steps, modes=("compiled", "eager", "ops")):
     for B in batches:
         floor = matvec_floor_tok_s(model, B)
         row[f"floor B={B}"] = floor
-        row[f"launches/layer, decode step B={B}"] = launches_per_layer(model, 1, B)
+        counts = ops_per_layer(model, 1, B)
+        row[f"launches/layer, decode step B={B}"], row[f"ops/layer, decode step B={B}"] = counts["launches"], counts["ops"]
+        row[f"decode host ms B={B}"] = decode_host_ms(model, B)
         row[f"decode cell us/layer B={B}"], row[f"state pass us/layer B={B}"] = decode_cell_us(model, B)
         for mode in modes:
             label = f"decode B={B} {mode}"
