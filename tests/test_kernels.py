@@ -3,11 +3,12 @@ everywhere, with stand-in kernels), the CUDA sources (compiled with nvcc where i
 installed) and kernel-vs-ops parity (on a GPU: CUDA or Metal)."""
 
 import os
-import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -16,6 +17,9 @@ from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
 from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import bench  # noqa: E402  (its graph-op count)
 
 ON_GPU = step.kernel is not None
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="no Metal or CUDA device: kernel not built")
@@ -254,12 +258,6 @@ def test_gradients_through_the_packed_step_kernel_are_the_ops_gradients(stand_in
         assert mx.allclose(g, w, rtol=1e-4, atol=1e-5).item()
 
 
-def graph_ops(outputs) -> list:
-    with tempfile.TemporaryDirectory() as tmp:
-        mx.export_to_dot(os.path.join(tmp, "g.dot"), *outputs)
-        return re.findall(r'label ="(\w+)"', open(os.path.join(tmp, "g.dot")).read())
-
-
 def test_kernels_run_bare_where_nothing_is_differentiated(stand_in):
     """The compiled decode step traces the kernels without their VJP wrapper (one op fewer
     each, every step); elsewhere they keep it, so training through them stays exact."""
@@ -268,7 +266,7 @@ def test_kernels_run_bare_where_nothing_is_differentiated(stand_in):
     wrapped = flat(dispatch_step(*args))
     with kernels.without_vjp():
         bare = flat(dispatch_step(*args))
-    assert "CustomTransforms" in graph_ops(wrapped) and "CustomTransforms" not in graph_ops(bare)
+    assert "CustomTransforms" in bench.graph_ops(wrapped) and "CustomTransforms" not in bench.graph_ops(bare)
     assert_close(bare, wrapped, 0, 0)
     assert kernels._with_vjp is True
 
@@ -684,8 +682,6 @@ def test_fused_chunkwise_matches_ops(dtype, T, first_use_checks):
 def test_generation_through_both_kernels_matches_the_ops_path(monkeypatch, dtype, first_use_checks):
     """mlx-lm's own generate on the demo model: a 300-token prompt (prefill through the
     chunk-state kernel), then greedy decode (fused step): the same tokens as the ops path."""
-    from pathlib import Path
-
     from mlx.utils import tree_map
     from mlx_lm import generate, load
 

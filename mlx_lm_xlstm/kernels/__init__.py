@@ -199,8 +199,8 @@ def _step_matches_ops() -> bool:
         q, k, v = args[:3]
         rows = lambda x: x.reshape(x.shape[0] * x.shape[1], -1)
         qkv = mx.concatenate([rows(v), rows(q), rows(k), rows(v)], axis=-1)
-        width = q.shape[2] * q.shape[3]
-        offsets = (v.shape[2] * v.shape[3], v.shape[2] * v.shape[3] + width, v.shape[2] * v.shape[3] + 2 * width)
+        v_width, width = v.shape[2] * v.shape[3], q.shape[2] * q.shape[3]
+        offsets = (v_width, v_width + width, v_width + 2 * width)
         got_h, got_state = _step.launch(_step.kernel, None, None, None, *args[3:], 1e-6, packed=(qkv, offsets))
         if not _all_close((got_h, *got_state), (want_h, *want_state)):
             return False
