@@ -513,7 +513,7 @@ def test_gradients_through_the_gate_kernel_are_the_ops_gradients(stand_in_gates)
 
 def cuda_source(dtype, Dqk, Dv, body=None):
     """The translation unit the CUDA step kernel compiles (kernels/cuda.py)."""
-    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=["STEPS"])
+    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=step.RUNTIME)
     layout = [("Q_STRIDE", 8 * Dqk), ("K_STRIDE", 8 * Dqk), ("V_STRIDE", 8 * Dv), ("Q_OFF", 0), ("K_OFF", 0), ("V_OFF", 0)]
     return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv), ("NH", 8), *layout])[1]
 
@@ -521,7 +521,7 @@ def cuda_source(dtype, Dqk, Dv, body=None):
 def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
     """The chunk-state kernel's unit: the chunk count is a launch argument, not compiled in."""
     body = chunk_states.source(CUDA) if body is None else body
-    kernel = cuda.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=["NC"])
+    kernel = cuda.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
     inputs = [mx.float32, mx.float32, dtype] + [mx.float32] * 4
     return kernel.source(inputs, [dtype] + [mx.float32] * 5, [("T", dtype), ("DQK", Dqk), ("DV", Dv)])[1]
 
@@ -534,7 +534,7 @@ def cuda_gated_norm_source(dtype, Dv):
 
 def cuda_gates_source(dtype, G, body=None):
     body = gates.source(CUDA) if body is None else body
-    kernel = cuda.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=["K"])
+    kernel = cuda.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
     return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G)])[1]
 
 

@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
-from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, metal, step
 from mlx_lm_xlstm.kernels.spelling import METAL
 
 SHIM = Path(__file__).with_name("metal_shim.h")
@@ -49,24 +50,29 @@ def lint(metal_source: str) -> subprocess.CompletedProcess:
         os.unlink(f.name)
 
 
+def zeros(shape, dtype=mx.float32):
+    """Row-contiguous zeros, as the arrays a model feeds (MLX names a kernel by its inputs'
+    layout too; mx.zeros is a broadcast)."""
+    return mx.array(np.zeros(shape, np.float32)).astype(dtype)
+
+
 def _zero_state(B, H, Dqk, Dv):
     """C, n, m: fp32 whatever the inputs' dtype."""
-    return mx.zeros((B, H, Dqk, Dv)), mx.zeros((B, H, Dqk)), mx.zeros((B, H))
+    return zeros((B, H, Dqk, Dv)), zeros((B, H, Dqk)), zeros((B, H))
 
 
-def _step_source(body, dtype, Dqk, Dv, B=2, H=2, packed=False):
-    kernel = mx.fast.metal_kernel("mlstm_step", step.INPUTS, step.OUTPUTS, body)
+def _step_source(body, dtype, Dqk, Dv, B=2, H=2, packed=False, T=3):
+    kernel = metal.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, body, runtime=step.RUNTIME)
 
     def call(q, k, v, i, log_f, C, n, m):
         # packed: q, k, v read in place from one (B * T, E) array (xLSTM-7b's fused projection)
-        qkv = mx.concatenate([x.reshape(B * 3, -1) for x in (q, k, v)], axis=-1) if packed else None
+        qkv = mx.concatenate([x.reshape(B * T, -1) for x in (q, k, v)], axis=-1) if packed else None
         layout = (qkv, (0, H * Dqk, 2 * H * Dqk)) if packed else None
         h, (C, n, m) = step.launch(kernel, q, k, v, i, log_f, C, n, m, 1e-6, packed=layout, verbose=True)
         return h, C, n, m
 
-    T = 3
-    q, k, v = (mx.zeros((B, T, H, D), dtype) for D in (Dqk, Dqk, Dv))
-    i, log_f = mx.zeros((B, T, H)), mx.zeros((B, T, H))
+    q, k, v = (zeros((B, T, H, D), dtype) for D in (Dqk, Dqk, Dv))
+    i, log_f = zeros((B, T, H)), zeros((B, T, H))
     return generated_metal_source(call, q, k, v, i, log_f, *_zero_state(B, H, Dqk, Dv))
 
 
@@ -76,14 +82,14 @@ def _step_source(body, dtype, Dqk, Dv, B=2, H=2, packed=False):
 )
 def test_step_kernel_passes_lint(dtype, Dqk, Dv):
     source = _step_source(step.source(METAL), dtype, Dqk, Dv)
-    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}, 2, 3, {2 * Dqk}, {2 * Dqk}, {2 * Dv}, 0, 0, 0>" in source
+    assert "threadgroup_barrier" in source and f"<{Dqk}, {Dv}, 2, {2 * Dqk}, {2 * Dqk}, {2 * Dv}, 0, 0, 0>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
 
 
 def test_packed_step_kernel_passes_lint():
     source = _step_source(step.source(METAL), mx.bfloat16, 256, 512, packed=True)
-    assert "<256, 512, 2, 3, 2048, 2048, 2048, 0, 512, 1024>" in source
+    assert "<256, 512, 2, 2048, 2048, 2048, 0, 512, 1024>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
 
@@ -107,14 +113,14 @@ def test_lint_catches_a_broken_kernel(breakage):
 
 
 def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
-    kernel = mx.fast.metal_kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body)
+    kernel = metal.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
 
     def call(g, a_max, dC, dn, C, n, m):
         (C_in, n_in, m_in), (C, n, m) = chunk_states.launch(kernel, g, a_max, dC, dn, C, n, m, verbose=True)
         return C_in, n_in, m_in, C, n, m
 
-    g, a_max = mx.zeros((B, H, NC)), mx.zeros((B, H, NC))
-    dC, dn = mx.zeros((B, H, NC, Dqk, Dv), dtype), mx.zeros((B, H, NC, Dqk))
+    g, a_max = zeros((B, H, NC)), zeros((B, H, NC))
+    dC, dn = zeros((B, H, NC, Dqk, Dv), dtype), zeros((B, H, NC, Dqk))
     return generated_metal_source(call, g, a_max, dC, dn, *_zero_state(B, H, Dqk, Dv))
 
 
@@ -124,9 +130,20 @@ def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
 )
 def test_chunk_states_kernel_passes_lint(dtype, NC, Dqk, Dv):
     source = _chunk_states_source(chunk_states.source(METAL), dtype, NC, Dqk, Dv)
-    assert "static_cast<T>" in source and f", {NC}, {Dqk}, {Dv}>" in source
+    assert "static_cast<T>" in source and f", {Dqk}, {Dv}>" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
+
+
+def test_one_metal_library_serves_every_length():
+    """The chunk count and a call's token count are read at launch: a new prompt length or
+    verify length builds no new library (MLX builds one per source, template and input
+    layout; inputs of at most 8 values go to constant memory, another layout, so the
+    lengths here keep every input above that)."""
+    step_sources = {_step_source(step.source(METAL), mx.bfloat16, 16, 32, T=T) for T in (3, 5, 17)}
+    assert len(step_sources) == 1
+    chunk_sources = {_chunk_states_source(chunk_states.source(METAL), mx.bfloat16, NC, 16, 32) for NC in (4, 8, 32)}
+    assert len(chunk_sources) == 1 and "runtime_sizes[0]" in chunk_sources.pop()
 
 
 def test_lint_catches_a_broken_chunk_states_kernel():
@@ -136,11 +153,11 @@ def test_lint_catches_a_broken_chunk_states_kernel():
 
 
 def _gated_norm_source(body, dtype, Dv, bias):
-    kernel = mx.fast.metal_kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, body)
+    kernel = metal.Kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, body)
     H = 2
     call = lambda h, qkvo, w, b: gated_norm.launch(kernel, h, qkvo, w, b if bias else None, 2 * H * Dv, 1e-6, verbose=True)
-    h, qkvo = mx.zeros((2, 3, H, Dv)), mx.zeros((2, 3, 3 * H * Dv), dtype)
-    return generated_metal_source(call, h, qkvo, mx.ones((H * Dv,), dtype), mx.zeros((H * Dv,), dtype))
+    h, qkvo = zeros((2, 3, H, Dv)), zeros((2, 3, 3 * H * Dv), dtype)
+    return generated_metal_source(call, h, qkvo, 1 + zeros((H * Dv,), dtype), zeros((H * Dv,), dtype))
 
 
 @pytest.mark.parametrize("dtype, Dv, bias", [(mx.bfloat16, 512, False), (mx.float32, 40, True), (mx.float16, 300, True)])
@@ -158,9 +175,9 @@ def test_lint_catches_a_broken_gated_norm_kernel():
 
 
 def _gates_source(body, dtype, G):
-    kernel = mx.fast.metal_kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body)
+    kernel = metal.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
     call = lambda x, w, b: list(gates.launch(kernel, x, w, b, 15.0, verbose=True))
-    return generated_metal_source(call, mx.zeros((2, 3, 40), dtype), mx.zeros((G, 40)), mx.zeros((G,)))
+    return generated_metal_source(call, zeros((2, 3, 40), dtype), zeros((G, 40)), zeros((G,)))
 
 
 @pytest.mark.parametrize("dtype, G", [(mx.bfloat16, 16), (mx.float32, 6), (mx.float16, 32)])

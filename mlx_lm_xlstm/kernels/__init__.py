@@ -1,4 +1,4 @@
-"""Fused kernels for the mLSTM layer: Metal and CUDA twins of three reference functions.
+"""Fused kernels for the mLSTM layer: Metal and CUDA twins of four reference functions.
 
   - `step.py`: the recurrence of decode steps and other short calls (`mlstm.mlstm_step_ops`),
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
@@ -12,7 +12,9 @@ and `large.head_gates` likewise. A kernel applies when
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
     (on this machine with this MLX: a pass is remembered in MLX_XLSTM_CACHE_DIR).
-On CUDA the kernels are compiled once per machine and kept there too (`cuda.py`).
+On CUDA the kernels are compiled once per machine and kept there too (`cuda.py`). On both
+backends the sizes that change from call to call (a piece's chunk count, a call's tokens)
+are launch arguments (`cuda.py`, `metal.py`): one binary serves every prompt length.
 Each kernel has the reference's VJP (`mx.custom_function`), so training through it is exact.
 """
 

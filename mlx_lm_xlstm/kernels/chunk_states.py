@@ -11,13 +11,12 @@ Work split: one thread per element of a head's [C | n] (Dqk * Dv + Dqk values), 
 row per (sequence, head); each thread walks the chunks in order. The stabiliser is a
 scalar recurrence that every thread recomputes (two loads per chunk, shared by the whole
 head, so cached). Consecutive threads touch consecutive elements: coalesced.
-The chunk count NC is a launch argument on CUDA (one binary for every prompt length) and a
-template constant on Metal.
+The chunk count NC is a launch argument (one binary for every prompt length).
 """
 
 import mlx.core as mx
 
-from . import cuda
+from . import cuda, metal
 from .spelling import CUDA, METAL, spell
 
 THREADS = 256
@@ -70,14 +69,16 @@ def source(backend: dict) -> str:
 
 
 INPUTS = ["g", "a_max", "dC", "dn", "C", "n", "m"]
+# Sizes passed at launch, not compiled in: one binary whatever they are.
+RUNTIME = ["NC"]
 OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
 
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(METAL))
+        return metal.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA), runtime=["NC"])
+        return cuda.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
     return None
 
 

@@ -16,7 +16,7 @@ a slice of it would be copied first.
 
 import mlx.core as mx
 
-from . import cuda
+from . import cuda, metal
 from .spelling import CUDA, METAL, spell
 
 
@@ -100,7 +100,7 @@ OUTPUTS = ["out"]
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("mlstm_gated_head_norm", INPUTS, OUTPUTS, source(METAL))
+        return metal.Kernel("mlstm_gated_head_norm", INPUTS, OUTPUTS, source(METAL))
     if mx.cuda.is_available():
         return cuda.Kernel("mlstm_gated_head_norm", INPUTS, OUTPUTS, source(CUDA))
     return None

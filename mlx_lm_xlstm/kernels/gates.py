@@ -16,7 +16,7 @@ as the ops path casts them.
 
 import mlx.core as mx
 
-from . import cuda
+from . import cuda, metal
 from .spelling import CUDA, METAL, spell
 
 _BODY = """
@@ -52,6 +52,8 @@ def source(backend: dict) -> str:
 
 
 INPUTS = ["x", "w", "bias", "cap"]
+# Sizes passed at launch, not compiled in: one binary whatever they are.
+RUNTIME = ["K"]
 OUTPUTS = ["i_out", "log_f_out"]
 # The most gate rows a threadgroup takes (a warp each): 1024 threads.
 MAX_ROWS = 32
@@ -59,9 +61,9 @@ MAX_ROWS = 32
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(METAL))
+        return metal.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(CUDA), runtime=["K"])
+        return cuda.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
     return None
 
 

@@ -22,12 +22,12 @@ The threadgroup that owns column 0 writes n and m. Inputs and h are in the model
 (B, T, H, D) layout (no transposes); q, k and v may be columns of one wider array (a token's
 row Q_STRIDE elements long, q from column Q_OFF, and so on): xLSTM-7b's fused projection,
 read in place (at batch > 1 their slices are not contiguous, and would be copied first).
-STEPS is a launch argument on CUDA and a template constant on Metal.
+STEPS is a launch argument (one binary for every call length).
 """
 
 import mlx.core as mx
 
-from . import cuda
+from . import cuda, metal
 from .spelling import CUDA, METAL, spell
 
 ROWS = 16  # row slices of C per threadgroup: threadgroup = 32 x ROWS threads
@@ -135,14 +135,16 @@ def source(backend: dict) -> str:
 
 
 INPUTS = ["q", "k", "v", "i", "log_f", "C", "n", "m", "eps"]
+# Sizes passed at launch, not compiled in: one binary whatever they are.
+RUNTIME = ["STEPS"]
 OUTPUTS = ["h", "C_out", "n_out", "m_out"]
 
 
 def _build():
     if mx.metal.is_available():
-        return mx.fast.metal_kernel("mlstm_step", INPUTS, OUTPUTS, source(METAL))
+        return metal.Kernel("mlstm_step", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA), runtime=["STEPS"], launch_bounds=(32 * ROWS, 2))
+        return cuda.Kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME, launch_bounds=(32 * ROWS, 2))
     return None
 
 
