@@ -1,6 +1,7 @@
 """xLSTM-7b ("xLSTM large"): mLSTM blocks with a SwiGLU FFN. `sanitize` takes transformers' weights."""
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Optional
 
 import mlx.core as mx
@@ -97,6 +98,11 @@ def _one_of(args, name: str, alias: str) -> int:
     return value if value is not None else other
 
 
+def qkvo_rows(args: ModelArgs) -> list:
+    """The rows of q, k, v and the output gate in the fused qkvo_proj, in that order."""
+    return [args.qk_dim, args.qk_dim, args.v_dim, args.v_dim]
+
+
 def soft_cap(x: mx.array, cap: float) -> mx.array:
     return cap * mx.tanh(x / cap)
 
@@ -174,8 +180,8 @@ class mLSTMLayer(nn.Module):
         self.max_piece = args.max_inference_chunksize
         self.gate_soft_cap = args.gate_soft_cap
         self.eps = args.eps
-        # Where the rows of q, k, v and the output gate end in qkvo_proj.
-        self.splits = [args.qk_dim, 2 * args.qk_dim, 2 * args.qk_dim + args.v_dim]
+        # Where q, k and v end in qkvo_proj's rows (the output gate follows).
+        self.splits = list(accumulate(qkvo_rows(args)))[:-1]
         # One matmul for q, k, v and the output gate, one for the input and forget gates
         # (fp32): decode reads each weight once either way, but every launch saved is
         # time (issue 14's A/B on the H200: 172 -> 205 tok/s at batch 1, with the FFN's).
@@ -379,7 +385,7 @@ class Model(RecurrentModel):
         """The rows of each single projection in its fused one (checkpoint.FUSED)."""
         a = self.args
         return {
-            "mlstm_layer.qkvo_proj": [a.qk_dim, a.qk_dim, a.v_dim, a.v_dim],
+            "mlstm_layer.qkvo_proj": qkvo_rows(a),
             "mlstm_layer.if_gate_preact": [a.num_heads, a.num_heads],
             "ffn.gate_up_proj": [a.ffn_dim, a.ffn_dim],
         }

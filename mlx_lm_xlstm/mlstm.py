@@ -178,17 +178,6 @@ _compiled_chunkwise = mx.compile(mlstm_chunkwise_ops)
 _compiled_chunkwise_fused = mx.compile(functools.partial(mlstm_chunkwise_ops, states=kernels.chunk_states_kernel))
 
 
-def _step_kernel_applies(q, k, v, i, log_f, state) -> bool:
-    return fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state)
-
-
-def _step(q, k, v, i, log_f, state, eps, packed=None):
-    if _step_kernel_applies(q, k, v, i, log_f, state):
-        return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps, packed=packed)
-    step = _compiled_step if fast_path_enabled() else mlstm_step_ops
-    return step(q, k, v, i, log_f, *state, eps=eps)
-
-
 def _chunkwise(q, k, v, i, log_f, state, chunk_size, eps):
     if not fast_path_enabled():
         chunkwise = mlstm_chunkwise_ops
@@ -270,8 +259,11 @@ def mlstm_update(
     if mask is not None:
         i = mx.where(mask[..., None], i, MASKED_I)
         log_f = mx.where(mask[..., None], log_f, 0.0)
-    if T == 1 or (T <= STEP_CALL and _step_kernel_applies(q, k, v, i, log_f, state)):
-        return _step(q, k, v, i, log_f, state, eps, packed)
+    if T <= STEP_CALL and fast_path_enabled() and kernels.mlstm_step_kernel_applies(q, k, v, i, log_f, *state):
+        return kernels.mlstm_step_kernel(q, k, v, i, log_f, *state, eps=eps, packed=packed)
+    if T == 1:
+        step = _compiled_step if fast_path_enabled() else mlstm_step_ops
+        return step(q, k, v, i, log_f, *state, eps=eps)
     q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))
     i, log_f = i.swapaxes(1, 2), log_f.swapaxes(1, 2)
     if T <= SHORT_CALL:

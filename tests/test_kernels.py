@@ -55,8 +55,9 @@ def flat(result):
 
 
 def dispatch_step(q, k, v, i, log_f, C, n, m, eps=1e-6):
-    """The recurrent steps as `mlstm_update` runs them: kernel where it applies, compiled ops otherwise."""
-    return ops._step(q, k, v, i, log_f, (C, n, m), eps)
+    """Up to STEP_CALL tokens through `mlstm_update`: the step kernel where it applies, the
+    compiled step (one token) or chunkwise form otherwise."""
+    return ops.mlstm_update(q, k, v, i, log_f, (C, n, m), eps=eps)
 
 
 def dispatch_chunkwise(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6):
