@@ -354,7 +354,7 @@ def reference_rows(shape, lengths, batches, steps, wanted):
             for T in lengths:
                 ids = torch.randint(0, config.vocab_size, (1, T), device="cuda")
 
-                def run():
+                def run(model=model, ids=ids):  # bound now: the loop deletes `model` later
                     model(ids, use_cache=True)
                     torch.cuda.synchronize()
 

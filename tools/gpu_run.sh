@@ -9,6 +9,9 @@
 #                                   # (tools/bench.py --tools-only); speculative decoding at 7B
 #   bash tools/gpu_run.sh harness   # the harness rows that explain them (floors, cell, eager/ops)
 #   bash tools/gpu_run.sh startup   # start-up vs a 7B llama (tools/bench_startup.py), ~7 min
+#   bash tools/gpu_run.sh newlength # after peer (its folders): one process each, new prompt
+#                                   # lengths with MLX's CUDA graphs on and off (is a new
+#                                   # length's extra time graph instantiation?)
 # (In one 330 s call, the peer's compile left no time for our rows: run H200-1 in BENCHMARKS.md.)
 # Results and logs go to $OUT; the model folders stay in /tmp/su for the later calls. Each call
 # ends within BUDGET seconds (default 430).
@@ -47,10 +50,17 @@ elif [ "$1" = steady ]; then
   if [ "$(left)" -gt 40 ]; then
     timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
   fi
+elif [ "$1" = newlength ]; then
+  for model in xlstm llama; do
+    for graphs in 1 0; do
+      MLX_USE_CUDA_GRAPHS=$graphs MLX_XLSTM_WARM_UP=0 timeout $(( $(left) - 5 )) python3 tools/bench_startup.py session \
+        --model $WORK/$model --out "$OUT/session-$model-graphs$graphs.json" 2>&1 | grep "session length" | sed "s/^/$model graphs=$graphs /"
+    done
+  done
 elif [ "$1" = harness ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
     --peer-json $WORK/peer.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
 else
-  echo "usage: bash tools/gpu_run.sh startup|peer|steady" >&2; exit 2
+  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|harness|startup|newlength" >&2; exit 2
 fi
 echo "gpu_run $1 done after $(( $(date +%s) - started )) s"
