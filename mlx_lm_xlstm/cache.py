@@ -64,11 +64,6 @@ def keep_inputs(cache, inputs: dict):
         cache.keep_inputs(inputs)
 
 
-def keeps_inputs(cache, N: int) -> bool:
-    """Whether `cache` would keep the inputs of an N-token call made now."""
-    return hasattr(cache, "keeps_inputs") and cache.keeps_inputs(N)
-
-
 class StepInputs(ArraysCache):
     """The stand-in cache of the compiled decode step: it holds the step's kept inputs, which
     leave the compiled function as outputs."""
@@ -130,34 +125,24 @@ class UndoableCache(ArraysCache):
         if self._replay is not None and inputs:
             self._kept = inputs
 
-    def keeps_inputs(self, N: int) -> bool:
-        """Whether a call of N tokens made now joins the window, so that the cache keeps its
-        inputs. The compiled decode step leaves them out otherwise: returned, they were a
-        quarter of the host time its call takes."""
-        if self._replay is None or self.lengths is not None or self.left_padding is not None:
-            return False
-        if N > 1:
-            return N <= MAX_UNDO_CALL
-        return not self._closed and (self._start is None or self._steps < MAX_UNDO_STEPS)
-
     def advance(self, N: int):
         """The end of every call (`RecurrentModel.__call__`): the call's tokens join the window."""
-        joins = self.keeps_inputs(N)
         super().advance(N)
         kept, self._kept = self._kept, None
         before, self._before = self._before, list(self.cache)
         if self._replay is None:
             return
         self._fresh = False
-        if self.lengths is not None or self.left_padding is not None or (joins and kept is None):
+        batch_padded = self.lengths is not None or self.left_padding is not None
+        if kept is None or batch_padded:
             self._close()
             self._offer = True  # nothing here to undo: a trim of n > 0 refuses
         elif N > 1:
             self._closed = False
-            if joins:
-                self._open(before, [(N, kept)])
-            else:
+            if N > MAX_UNDO_CALL:
                 self._open(list(self.cache), [])
+            else:
+                self._open(before, [(N, kept)])
         elif self._closed:
             return
         elif self._start is None:

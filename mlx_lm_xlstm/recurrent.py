@@ -18,7 +18,7 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
 from . import kernels, warm_up
-from .cache import StepInputs, keep_inputs, keeps_inputs, speculative_call
+from .cache import StepInputs, keep_inputs, speculative_call
 from .mlstm import fast_path_enabled
 
 
@@ -28,24 +28,21 @@ class CompiledDecode:
     mlx-lm's generation loop calls the model once per token; tracing the step once per
     batch size, instead of rebuilding its graph every token, is worth ~35% of decode speed.
     Speculative decoding's short calls (a verify call of k+1 tokens) are traced per length.
-    Traced twice: with the layers' recurrence inputs as outputs, while a cache may be
-    trimmed (`UndoableCache.keeps_inputs`), and without, for plain decoding past the undo
-    window and batches. The weights are inputs of the compiled function (model.state), so
-    quantizing or adapting the model later retraces it. A copy of the model starts without one."""
+    The weights are inputs of the compiled function (model.state), so quantizing or adapting
+    the model later retraces it. A copy of the model starts without one."""
 
     def __init__(self):
-        self.fns = {}
+        self.fn = None
 
     def __deepcopy__(self, memo):
         return CompiledDecode()
 
     def __call__(self, model, inputs: mx.array, mask: Optional[mx.array], cache: list) -> mx.array:
-        keep = any(keeps_inputs(c, inputs.shape[1]) for c in cache)
-        if keep not in self.fns:
-            self.fns[keep] = mx.compile(functools.partial(forward_states, model, keep=keep), inputs=model.state)
-        fn, states = self.fns[keep], [c.cache for c in cache]
+        if self.fn is None:
+            self.fn = mx.compile(functools.partial(forward_states, model), inputs=model.state)
+        states = [c.cache for c in cache]
         with kernels.without_vjp():  # traced for generation, never differentiated
-            logits, states, kept = fn(inputs, states) if mask is None else fn(inputs, states, mask)
+            logits, states, kept = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)
         for c, state, inputs in zip(cache, states, kept):
             c.cache = state
             keep_inputs(c, inputs)
@@ -85,14 +82,14 @@ def replay_states(layer, states: list, inputs: dict) -> list:
     return cache.cache
 
 
-def forward_states(model, inputs: mx.array, states: list, mask: Optional[mx.array] = None, *, keep: bool = True):
+def forward_states(model, inputs: mx.array, states: list, mask: Optional[mx.array] = None):
     """One forward on a non-empty state as a pure function: (logits, new states, each
-    layer's recurrence inputs, which a cache that can be trimmed keeps; none without `keep`)."""
+    layer's recurrence inputs, which a cache that can be trimmed keeps)."""
     cache = [StepInputs(size=len(state)) for state in states]
     for c, state in zip(cache, states):
         c.cache = list(state)
     logits = model.forward(inputs, mask, cache, fresh=False)
-    return logits, [c.cache for c in cache], [c.kept if keep else {} for c in cache]
+    return logits, [c.cache for c in cache], [c.kept for c in cache]
 
 
 class RecurrentModel(nn.Module):

@@ -6,7 +6,6 @@ import pytest
 from conftest import load_fixture
 from helpers import fixtures
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm_xlstm.cache import MAX_UNDO_STEPS
 
 ATOL, RTOL = 1e-4, 1e-3
 
@@ -123,39 +122,6 @@ def test_long_input_runs_in_bounded_pieces_with_the_same_result():
     np.testing.assert_allclose(np.array(piecewise(ids)), np.array(load_fixture("single")(ids)), atol=ATOL, rtol=RTOL)
 
 
-def test_decode_hands_back_the_recurrence_inputs_only_while_a_trim_can_come(monkeypatch):
-    """The compiled step returns each layer's inputs for the undo window only: past it (plain
-    decoding) they would be host work for nothing; a longer call opens the window again."""
-    from mlx_lm_xlstm import recurrent
-
-    handed = []
-    keep = recurrent.keep_inputs
-    monkeypatch.setattr(recurrent, "keep_inputs", lambda c, inputs: (handed.append(bool(inputs)), keep(c, inputs)))
-    model = load_fixture("fused_bias")
-    cache = model.make_cache()
-    model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
-    steps = lambda n: [model(mx.array([[t]]), cache=cache) for t in range(n)]
-    steps(MAX_UNDO_STEPS + 4)
-    layers = len(cache)
-    assert handed == [True] * (MAX_UNDO_STEPS * layers) + [False] * (4 * layers)
-    model(mx.array([[6, 7, 8]]), cache=cache)  # eager: kept by the layers themselves
-    handed.clear()
-    steps(2)
-    assert handed == [True] * (2 * layers)
-
-    # and what was kept undoes exactly: the state as if the last two steps were never fed
-    for c in cache:
-        c.trim(2)
-    recomputed = model.make_cache()
-    model(mx.array([[1, 2, 3, 4, 5]]), cache=recomputed)
-    for t in range(MAX_UNDO_STEPS + 4):
-        model(mx.array([[t]]), cache=recomputed)
-    model(mx.array([[6, 7, 8]]), cache=recomputed)
-    for got, want in zip(cache, recomputed):
-        for a, b in zip(got.cache, want.cache):
-            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6, rtol=1e-5)
-
-
 def test_compiled_decode_equals_the_plain_ops_path(monkeypatch):
     """Decode steps run as one compiled function; MLX_XLSTM_KERNELS=0 runs the plain ops."""
     import copy
@@ -165,14 +131,13 @@ def test_compiled_decode_equals_the_plain_ops_path(monkeypatch):
     def decode(model):
         cache = model.make_cache()
         model(mx.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), cache=cache)
-        # past the undo window: the step traced with the kept inputs, then without
-        return mx.concatenate([model(mx.array([[t], [t + 4]]), cache=cache) for t in range(MAX_UNDO_STEPS + 4)], axis=1)
+        return mx.concatenate([model(mx.array([[t], [t + 4]]), cache=cache) for t in range(12)], axis=1)
 
     model = load_fixture("fused_bias")
     compiled = decode(model)
-    assert set(model.decode_step.fns) == {True, False}
+    assert model.decode_step.fn is not None
     twin = copy.deepcopy(model)
-    assert twin.decode_step.fns == {}
+    assert twin.decode_step.fn is None
     nn.quantize(twin, group_size=32, bits=8)  # a changed model retraces
     twin_compiled = decode(twin)
     monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
