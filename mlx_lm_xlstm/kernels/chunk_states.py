@@ -68,6 +68,7 @@ def source(backend: dict) -> str:
     return spell(_BODY, backend)
 
 
+NAME = "mlstm_chunk_states"
 INPUTS = ["g", "a_max", "dC", "dn", "C", "n", "m"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["NC"]
@@ -76,9 +77,9 @@ OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
 
 def _build():
     if mx.metal.is_available():
-        return metal.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
+        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_chunk_states", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
+        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
     return None
 
 

@@ -94,15 +94,18 @@ def source(backend: dict) -> str:
     return spell(_BODY, backend)
 
 
+NAME = "mlstm_gated_head_norm"
 INPUTS = ["h", "qkvo", "weight", "bias", "eps"]
+# Nothing of it varies from call to call of one model.
+RUNTIME = []
 OUTPUTS = ["out"]
 
 
 def _build():
     if mx.metal.is_available():
-        return metal.Kernel("mlstm_gated_head_norm", INPUTS, OUTPUTS, source(METAL))
+        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_gated_head_norm", INPUTS, OUTPUTS, source(CUDA))
+        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
     return None
 
 

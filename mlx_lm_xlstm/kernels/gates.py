@@ -51,6 +51,7 @@ def source(backend: dict) -> str:
     return spell(_BODY, backend)
 
 
+NAME = "xlstm_head_gates"
 INPUTS = ["x", "w", "bias", "cap"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["K"]
@@ -61,9 +62,9 @@ MAX_ROWS = 32
 
 def _build():
     if mx.metal.is_available():
-        return metal.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
+        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("xlstm_head_gates", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
+        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
     return None
 
 

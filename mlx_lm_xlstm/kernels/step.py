@@ -134,6 +134,7 @@ def source(backend: dict) -> str:
     return spell(_BODY.replace("ROWS", str(ROWS)), backend)
 
 
+NAME = "mlstm_step"
 INPUTS = ["q", "k", "v", "i", "log_f", "C", "n", "m", "eps"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["STEPS"]
@@ -142,9 +143,9 @@ OUTPUTS = ["h", "C_out", "n_out", "m_out"]
 
 def _build():
     if mx.metal.is_available():
-        return metal.Kernel("mlstm_step", INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
+        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
     if mx.cuda.is_available():
-        return cuda.Kernel("mlstm_step", INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME, launch_bounds=(32 * ROWS, 2))
+        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME, launch_bounds=(32 * ROWS, 2))
     return None
 
 

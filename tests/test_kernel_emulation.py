@@ -1,0 +1,68 @@
+"""The CUDA kernels run on the CPU (tests/helpers/cuda_emulator.py: the unit the GPU compiles,
+one CPU thread per GPU thread) against the pure-MLX functions they replace: their logic is
+tested on every machine, not only on a GPU. The Metal twins share the bodies (linted in
+test_metal_lint.py)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers.cuda_emulator import EmulatedKernel, emulated
+
+from mlx_lm_xlstm import kernels, large
+from mlx_lm_xlstm import mlstm as ops
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step
+from mlx_lm_xlstm.kernels.spelling import CUDA
+
+CHECKS = {
+    "step": (step, kernels._step_matches_ops),
+    "chunk_states": (chunk_states, kernels._chunk_states_match_ops),
+    "gated_norm": (gated_norm, kernels._gated_norm_matches_ops),
+    "gates": (gates, kernels._gates_match_ops),
+}
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_the_cuda_kernel_passes_its_first_use_check_on_the_cpu(name, monkeypatch):
+    """The comparison a GPU runs on first use (fp32 and bf16, masked steps, q, k, v in place)."""
+    module, check = CHECKS[name]
+    monkeypatch.setattr(module, "kernel", emulated(module))
+    assert check()
+
+
+def test_the_step_kernel_at_a_wide_head_matches_the_ops():
+    """xLSTM-7b's Dqk = 256 (16 rows of C a thread) and three tokens a call, read in place."""
+    q, k, v, i, log_f, C, n, m = kernels._random_step_inputs(B=1, T=3, H=1, Dqk=256, Dv=64, dtype=mx.bfloat16)
+    qkv = mx.concatenate([x.reshape(3, -1) for x in (q, k, v)], axis=-1)
+    h, (C2, n2, m2) = step.launch(emulated(step), None, None, None, i, log_f, C, n, m, 1e-6, packed=(qkv, (0, 256, 512)))
+    want_h, (want_C, want_n, want_m) = ops.mlstm_step_ops(q, k, v, i, log_f, C, n, m)
+    for got, want in zip((h, C2, n2, m2), (want_h, want_C, want_n, want_m)):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+
+
+def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
+    h, qkvo, weight, bias, o_start = kernels._random_norm_inputs(B=3, T=5, H=2, Dv=128, bias=False)
+    got = gated_norm.launch(emulated(gated_norm), h, qkvo, weight, None, o_start, 1e-6)
+    want = large.gated_head_norm_ops(h, qkvo, weight, None, o_start, 1e-6)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+
+
+def broken(module, before: str, after: str) -> EmulatedKernel:
+    body = module.source(CUDA)
+    assert before in body
+    return EmulatedKernel(cuda.Kernel(module.NAME, module.INPUTS, module.OUTPUTS, body.replace(before, after, 1), runtime=module.RUNTIME))
+
+
+@pytest.mark.parametrize(
+    "name, before, after",
+    [
+        ("step", "num_part[y][x] = num;", "num_part[y][x] = num * (y == 0);"),  # a lost partial sum
+        ("step", "h[at * DV + d] = total", "h[at * DV + d] = q_n"),  # the wrong readout
+        ("chunk_states", "m_run = m_next;", ""),  # the stabiliser never moves
+        ("gated_norm", "x[j] - mean", "x[j]"),  # not centred
+        ("gates", "for (unsigned int lanes = 16; lanes > 0; lanes /= 2)", "for (unsigned int lanes = 8; lanes > 0; lanes /= 2)"),
+    ],
+)
+def test_the_emulation_catches_a_broken_kernel(name, before, after, monkeypatch):
+    module, check = CHECKS[name]
+    monkeypatch.setattr(module, "kernel", broken(module, before, after))
+    assert not check()
