@@ -32,3 +32,16 @@ def test_the_decode_host_split_is_part_of_the_step():
     split = bench.decode_host_ms(model, 2, steps=8)
     assert 0 < split["build_ms"] and 0 < split["encode_ms"]
     assert split["build_ms"] + split["encode_ms"] <= 1.05 * split["step_ms"]
+
+
+def test_the_kernel_ab_compares_the_bodies_at_a_commit_with_the_tree():
+    """tools/bench_kernels.py's sides, run on the CPU (the CUDA units emulated): HEAD's bodies
+    against the tree's give the same outputs, kernel by kernel."""
+    import bench_kernels
+    from helpers.cuda_emulator import EmulatedKernel
+
+    sides = bench_kernels.sides_for("HEAD", make=lambda module, body: EmulatedKernel(bench_kernels.cuda_kernel(module, body)))
+    assert set(sides) == {"HEAD", "tree"}
+    rows = bench_kernels.launch_rows(sides, rounds=1, launches=1, small=True)
+    assert set(rows) == {f"{name} B={B}" for name in bench_kernels.MODULES for B in (1, 16)}
+    assert all(row["same outputs"] for row in rows.values())

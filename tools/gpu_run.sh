@@ -9,6 +9,9 @@
 #                                   # (tools/bench.py --tools-only); speculative decoding at 7B
 #   bash tools/gpu_run.sh harness   # the harness rows that explain them (floors, cell, eager/ops)
 #   bash tools/gpu_run.sh startup   # start-up vs a 7B llama (tools/bench_startup.py), ~7 min
+#   bash tools/gpu_run.sh kernelab DIR  # kernel bodies of DIR (a commit's mlx_lm_xlstm/, carried:
+#                                   # `git archive REV mlx_lm_xlstm/kernels | tar -x -C DIR`) against
+#                                   # the tree's, launches then decode and prefill (bench_kernels.py)
 #   bash tools/gpu_run.sh newlength # after peer (its folders): one process each, new prompt
 #                                   # lengths with MLX's CUDA graphs on and off (is a new
 #                                   # length's extra time graph instantiation?)
@@ -50,6 +53,8 @@ elif [ "$1" = steady ]; then
   if [ "$(left)" -gt 40 ]; then
     timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
   fi
+elif [ "$1" = kernelab ]; then
+  timeout $(( $(left) - 5 )) python3 tools/bench_kernels.py --against "$2" --json "$OUT/kernels_ab.json" 2>&1 | tee "$OUT/kernels_ab.log"
 elif [ "$1" = newlength ]; then
   for model in xlstm llama; do
     for graphs in 1 0; do
@@ -61,6 +66,6 @@ elif [ "$1" = harness ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
     --peer-json $WORK/peer.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
 else
-  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|harness|startup|newlength" >&2; exit 2
+  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|harness|startup|kernelab DIR|newlength" >&2; exit 2
 fi
 echo "gpu_run $1 done after $(( $(date +%s) - started )) s"

@@ -1,0 +1,190 @@
+"""The fused kernels' bodies at another commit against this tree's, in one process (CUDA GPU).
+
+    python tools/bench_kernels.py --against 3e9faa9 --json kernels_ab.json
+    python tools/bench_kernels.py --against DIR ...   # DIR: that commit's mlx_lm_xlstm/ (no git there)
+
+For each kernel (step, gates, gated norm, chunk states): whether both bodies give the same
+outputs, and their time a launch at the 7B's shapes (batch 1 and 16; chunk states: a
+2048-token piece, and 16 of them); then decode (batch 1 and 16, pipelined as mlx-lm's loop,
+a compiled step per side) and prefill of 8,192 tokens through a random 7B with either side's
+bodies. Rounds interleave the two sides: on a shared machine separate processes of the same
+code vary more than most kernel changes do.
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from mlx_lm_xlstm import kernels, mlstm  # noqa: E402
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step  # noqa: E402
+from mlx_lm_xlstm.kernels.spelling import CUDA  # noqa: E402
+
+MODULES = {"step": step, "gates": gates, "gated_norm": gated_norm, "chunk_states": chunk_states}
+
+
+def body_at(revision: str, name: str) -> str:
+    """The CUDA body of kernels/<name>.py at `revision` (its `source`, run on that file's text):
+    a git revision, or a folder holding that revision's mlx_lm_xlstm/ (a machine without the
+    repository's history: `git archive REV mlx_lm_xlstm/kernels | tar -x -C DIR`)."""
+    if Path(revision).is_dir():
+        text = (Path(revision) / "mlx_lm_xlstm" / "kernels" / f"{name}.py").read_text()
+    else:
+        text = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{revision}:mlx_lm_xlstm/kernels/{name}.py"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    text = text.replace("from . import cuda, metal\n", "").replace("from . import cuda\n", "")
+    text = text.replace("from .spelling import", "from mlx_lm_xlstm.kernels.spelling import")
+    namespace = {"__name__": f"{name}_at_{revision}"}
+    exec(text.split("\ndef _build")[0], namespace)
+    return namespace["source"](CUDA)
+
+
+def cuda_kernel(module, body: str) -> cuda.Kernel:
+    """A kernel of `module`'s names and launch-time sizes with this body (the step's launch bounds)."""
+    bounds = (32 * step.ROWS, 2) if module is step else None
+    return cuda.Kernel(module.NAME + "_ab", module.INPUTS, module.OUTPUTS, body, runtime=module.RUNTIME, launch_bounds=bounds)
+
+
+def launcher(name: str, B: int, small: bool):
+    """A function of a kernel: one launch of kernel `name` on fixed random inputs."""
+    H, Dqk, Dv, K = (2, 16, 40, 72) if small else (8, 256, 512, 4096)
+    if name == "step":
+        args = kernels._random_step_inputs(B=B, T=1, H=H, Dqk=Dqk, Dv=Dv, dtype=mx.bfloat16)
+        return lambda k: [step.launch(k, *args, 1e-6)]
+    if name == "gates":
+        x, w, b = kernels._random_gate_inputs(M=B, G=2 * H, K=K, dtype=mx.bfloat16)
+        return lambda k: [gates.launch(k, x, w, b, 15.0)]
+    if name == "gated_norm":
+        h, qkvo, w, _, o = kernels._random_norm_inputs(B=B, T=1, H=H, Dv=Dv, dtype=mx.bfloat16, bias=False)
+        return lambda k: [gated_norm.launch(k, h, qkvo, w, None, o, 1e-6)]
+    args = kernels._random_chunk_inputs(B=1, H=H, NC=(3 if small else 32) * B, Dqk=Dqk, Dv=Dv, dtype=mx.bfloat16)
+    return lambda k: [chunk_states.launch(k, *args)]
+
+
+def flat(tree) -> list:
+    return [y for x in tree for y in (flat(x) if isinstance(x, (list, tuple)) else [x])]
+
+
+def launch_rows(sides: dict, rounds: int, launches: int, small: bool = False) -> dict:
+    """Per kernel and batch: same outputs?, and each side's median microseconds a launch."""
+    rows = {}
+    for name in MODULES:
+        for B in (1, 16):
+            run = launcher(name, B, small)
+            outs = {side: flat(run(k[name])) for side, k in sides.items()}
+            mx.eval(outs)
+            first, second = outs.values()
+            row = {"same outputs": all(mx.array_equal(a, b).item() for a, b in zip(first, second))}
+            times = {side: [] for side in sides}
+            for _ in range(rounds):
+                for side, k in sides.items():
+                    mx.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(launches):
+                        result = run(k[name])
+                    mx.eval(flat(result))
+                    mx.synchronize()
+                    times[side].append(1e6 * (time.perf_counter() - start) / launches)
+            rows[f"{name} B={B}"] = {**row, **{f"{side} us": statistics.median(t) for side, t in times.items()}}
+            print(f"  {name} B={B}: {rows[f'{name} B={B}']}", flush=True)
+    return rows
+
+
+def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
+    """Decode and prefill through the model with each side's kernels, rounds interleaved."""
+    import bench
+
+    from mlx_lm_xlstm.recurrent import CompiledDecode
+
+    # a compiled prefill piece keeps the kernel it was traced with: one compiled function a side
+    chunkwise = {side: mx.compile(functools.partial(mlstm.mlstm_chunkwise_ops, states=kernels.chunk_states_kernel)) for side in sides}
+
+    def use(side):
+        for name, module in MODULES.items():
+            module.kernel = sides[side][name]
+        mlstm._compiled_chunkwise_fused = chunkwise[side]
+
+    model = bench.build_model(shape, mx.bfloat16)
+    vocab = model.args.vocab_size
+    state, steps = {}, {}
+
+    def decode(side, B, n):
+        cache, y = state[B]
+        model.decode_step = steps[side]
+        previous, start = None, time.perf_counter()
+        for _ in range(n):
+            y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
+            mx.async_eval(y)
+            if previous is not None:
+                mx.eval(previous)
+            previous = y
+        mx.eval(y)
+        state[B] = (cache, y)
+        return B * n / (time.perf_counter() - start)
+
+    for side in sides:
+        use(side)
+        steps[side] = CompiledDecode()
+        for B in (1, 16):
+            if B not in state:
+                logits, cache = bench.prefill(model, bench.tokens(B, 8, vocab, seed=B))
+                state[B] = (cache, mx.argmax(logits[:, -1], axis=-1)[:, None])
+            decode(side, B, 3)
+    tok_s, start = {}, time.perf_counter()
+    for _ in range(rounds):
+        for side in sides:
+            use(side)
+            for B, n in ((1, 32), (16, 16)):
+                tok_s.setdefault(f"decode B={B} {side}", []).append(decode(side, B, n))
+        if time.perf_counter() - start > seconds:
+            break
+    for _ in range(3):
+        for side in sides:
+            use(side)
+            tok_s.setdefault(f"prefill 8192 {side}", []).append(bench.prefill_tok_s(model, 8192, repeat=1)[0])
+    use(list(sides)[-1])
+    return {key: {"median tok/s": statistics.median(v), "rounds": v} for key, v in tok_s.items()}
+
+
+def sides_for(revision: str, make=cuda_kernel) -> dict:
+    """{revision: kernels of its bodies, "tree": this tree's}, by kernel name."""
+    return {
+        revision: {name: make(module, body_at(revision, name)) for name, module in MODULES.items()},
+        "tree": {name: make(module, module.source(CUDA)) for name, module in MODULES.items()},
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--against", required=True, help="the commit (or a folder of its mlx_lm_xlstm/) to compare with")
+    p.add_argument("--shape", default="7b", help="the model of the decode and prefill rows")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--seconds", type=float, default=60, help="at most this long for the decode rounds")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if not mx.cuda.is_available():
+        sys.exit("bench_kernels.py times CUDA kernels: it needs MLX's CUDA build and a GPU")
+    sides = sides_for(a.against)
+    result = {"against": a.against, "first-use checks (tree)": {n: f() for n, f in kernels._CHECKS.items()}}
+    print(json.dumps(result), flush=True)
+    result["launches"] = launch_rows(sides, a.rounds, 64)
+    result["model"] = model_rows(sides, a.shape, a.rounds, a.seconds)
+    print(json.dumps({k: v["median tok/s"] for k, v in result["model"].items()}, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
