@@ -15,7 +15,7 @@ import pytest
 
 from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, gpu, metal, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -154,6 +154,20 @@ def stand_in_gated_norm(monkeypatch):
 @pytest.fixture
 def stand_in_gates(monkeypatch):
     return lambda wrong=False: install_stand_in(monkeypatch, "gates", gates, gates_outputs, wrong)
+
+
+def test_each_kernel_is_built_for_the_gpu_there_and_none_without(monkeypatch):
+    """kernels.gpu.build: Metal where Metal is, else CUDA (with the step's launch bounds), else none."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert gpu.build(step.NAME, step.INPUTS, step.OUTPUTS, step.source, step.RUNTIME) is None
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    built = gpu.build(step.NAME, step.INPUTS, step.OUTPUTS, step.source, step.RUNTIME, launch_bounds=step.LAUNCH_BOUNDS)
+    assert isinstance(built, cuda.Kernel) and built.runtime == ("STEPS",) and "__launch_bounds__(512, 2)" in built.bounds
+    assert built.body == step.source(CUDA)
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    built = gpu.build(chunk_states.NAME, chunk_states.INPUTS, chunk_states.OUTPUTS, chunk_states.source, chunk_states.RUNTIME)
+    assert isinstance(built, metal.Kernel) and built.runtime == ("NC",)
 
 
 def test_dispatch_uses_the_kernel_after_checking_it(stand_in):

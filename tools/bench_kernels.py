@@ -14,6 +14,7 @@ code vary more than most kernel changes do.
 import argparse
 import functools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -44,16 +45,16 @@ def body_at(revision: str, name: str) -> str:
             ["git", "-C", str(ROOT), "show", f"{revision}:mlx_lm_xlstm/kernels/{name}.py"],
             capture_output=True, text=True, check=True,
         ).stdout
-    text = text.replace("from . import cuda, metal\n", "").replace("from . import cuda\n", "")
-    text = text.replace("from .spelling import", "from mlx_lm_xlstm.kernels.spelling import")
+    # the module's text up to where it builds its kernel, its relative imports made absolute
+    text = re.sub(r"^from \.(\w*) import", lambda m: f"from mlx_lm_xlstm.kernels{'.' + m[1] if m[1] else ''} import", text, flags=re.M)
     namespace = {"__name__": f"{name}_at_{revision}"}
-    exec(text.split("\ndef _build")[0], namespace)
+    exec(text.split("\nBUILT = kernel")[0], namespace)
     return namespace["source"](CUDA)
 
 
 def cuda_kernel(module, body: str) -> cuda.Kernel:
-    """A kernel of `module`'s names and launch-time sizes with this body (the step's launch bounds)."""
-    bounds = (32 * step.ROWS, 2) if module is step else None
+    """A kernel of `module`'s names, launch-time sizes and launch bounds with this body."""
+    bounds = getattr(module, "LAUNCH_BOUNDS", None)
     return cuda.Kernel(module.NAME + "_ab", module.INPUTS, module.OUTPUTS, body, runtime=module.RUNTIME, launch_bounds=bounds)
 
 

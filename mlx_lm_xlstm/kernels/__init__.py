@@ -8,7 +8,7 @@
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
 `mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`
 and `large.head_gates` likewise. A kernel applies when
-  - it was built (a Metal or CUDA GPU is there) and the default device is the GPU,
+  - it was built (`gpu.build`: a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
     (on this machine with this MLX: a pass is remembered in MLX_XLSTM_CACHE_DIR).

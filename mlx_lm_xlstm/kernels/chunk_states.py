@@ -17,8 +17,8 @@ The chunk count NC is a launch argument (one binary for every prompt length).
 
 import mlx.core as mx
 
-from . import cuda, metal
-from .spelling import CUDA, METAL, spell
+from . import gpu
+from .spelling import spell
 
 THREADS = 256
 
@@ -81,21 +81,12 @@ def source(backend: dict) -> str:
 
 NAME = "mlstm_chunk_states"
 INPUTS = ["g", "a_max", "dC", "dn", "C", "n", "m"]
+OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["NC"]
-OUTPUTS = ["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"]
-
-
-def _build():
-    if mx.metal.is_available():
-        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
-    if mx.cuda.is_available():
-        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
-    return None
-
 
 # The kernel built for this machine; `kernel` is what runs (tests stand another one in).
-BUILT = kernel = _build()
+BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME)
 
 
 def launch(kernel, g, a_max, dC, dn, C, n, m, verbose=False):

@@ -17,8 +17,8 @@ o) before the sums, so that the loads wait out one memory latency together.
 
 import mlx.core as mx
 
-from . import cuda, metal
-from .spelling import CUDA, METAL, spell
+from . import gpu
+from .spelling import spell
 
 
 def _threadgroup_sum(value: str, total: str) -> str:
@@ -107,21 +107,12 @@ def source(backend: dict) -> str:
 
 NAME = "mlstm_gated_head_norm"
 INPUTS = ["h", "qkvo", "weight", "bias", "eps"]
+OUTPUTS = ["out"]
 # Nothing of it varies from call to call of one model.
 RUNTIME = []
-OUTPUTS = ["out"]
-
-
-def _build():
-    if mx.metal.is_available():
-        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
-    if mx.cuda.is_available():
-        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
-    return None
-
 
 # The kernel built for this machine; `kernel` is what runs (tests stand another one in).
-BUILT = kernel = _build()
+BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME)
 
 
 def threads(Dv: int) -> int:

@@ -19,8 +19,8 @@ as the ops path casts them.
 
 import mlx.core as mx
 
-from . import cuda, metal
-from .spelling import CUDA, METAL, spell
+from . import gpu
+from .spelling import spell
 
 _BODY = """
     const uint row = TID_X / 32;
@@ -57,23 +57,14 @@ def source(backend: dict) -> str:
 
 NAME = "xlstm_head_gates"
 INPUTS = ["x", "w", "bias", "cap"]
+OUTPUTS = ["i_out", "log_f_out"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["K"]
-OUTPUTS = ["i_out", "log_f_out"]
 # The most gate rows a threadgroup takes (a warp each): 1024 threads.
 MAX_ROWS = 32
 
-
-def _build():
-    if mx.metal.is_available():
-        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
-    if mx.cuda.is_available():
-        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME)
-    return None
-
-
 # The kernel built for this machine; `kernel` is what runs (tests stand another one in).
-BUILT = kernel = _build()
+BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME)
 
 
 def launch(kernel, x, weight, bias, cap, verbose=False):

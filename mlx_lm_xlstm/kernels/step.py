@@ -31,8 +31,8 @@ STEPS is a launch argument (one binary for every call length).
 
 import mlx.core as mx
 
-from . import cuda, metal
-from .spelling import CUDA, METAL, spell
+from . import gpu
+from .spelling import spell
 
 ROWS = 16  # row slices of C per threadgroup: threadgroup = 32 x ROWS threads
 
@@ -167,21 +167,14 @@ def source(backend: dict) -> str:
 
 NAME = "mlstm_step"
 INPUTS = ["q", "k", "v", "i", "log_f", "C", "n", "m", "eps"]
+OUTPUTS = ["h", "C_out", "n_out", "m_out"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
 RUNTIME = ["STEPS"]
-OUTPUTS = ["h", "C_out", "n_out", "m_out"]
-
-
-def _build():
-    if mx.metal.is_available():
-        return metal.Kernel(NAME, INPUTS, OUTPUTS, source(METAL), runtime=RUNTIME)
-    if mx.cuda.is_available():
-        return cuda.Kernel(NAME, INPUTS, OUTPUTS, source(CUDA), runtime=RUNTIME, launch_bounds=(32 * ROWS, 2))
-    return None
-
+# CUDA: at most 64 registers a thread, so that two threadgroups share an SM (see above).
+LAUNCH_BOUNDS = (32 * ROWS, 2)
 
 # The kernel built for this machine; `kernel` is what runs (tests stand another one in).
-BUILT = kernel = _build()
+BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME, launch_bounds=LAUNCH_BOUNDS)
 
 
 def launch(kernel, q, k, v, i, log_f, C, n, m, eps, packed=None, verbose=False):

@@ -86,7 +86,7 @@ class EmulatedKernel:
 
 def emulated(module) -> EmulatedKernel:
     """The CPU run of a kernel module's CUDA kernel (kernels/step.py, chunk_states.py, ...), as
-    its `_build` makes it on a GPU."""
+    `kernels.gpu.build` makes it on a GPU."""
     from mlx_lm_xlstm.kernels.spelling import CUDA
 
     return EmulatedKernel(cuda.Kernel(module.NAME, module.INPUTS, module.OUTPUTS, module.source(CUDA), runtime=module.RUNTIME))
