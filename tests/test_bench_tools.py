@@ -40,7 +40,7 @@ def test_the_kernel_ab_compares_the_bodies_at_a_commit_with_the_tree():
     import bench_kernels
     from helpers.cuda_emulator import EmulatedKernel
 
-    sides = bench_kernels.sides_for("HEAD", make=lambda module, body: EmulatedKernel(bench_kernels.cuda_kernel(module, body)))
+    sides = bench_kernels.sides_for("HEAD", make=lambda module, tag: EmulatedKernel(bench_kernels.cuda_kernel(module, tag)))
     assert set(sides) == {"HEAD", "tree"}
     rows = bench_kernels.launch_rows(sides, rounds=1, launches=1, small=True)
     assert set(rows) == {f"{name} B={B}" for name in bench_kernels.MODULES for B in (1, 16)}

@@ -66,3 +66,11 @@ def test_the_emulation_catches_a_broken_kernel(name, before, after, monkeypatch)
     module, check = CHECKS[name]
     monkeypatch.setattr(module, "kernel", broken(module, before, after))
     assert not check()
+
+
+def test_the_emulation_catches_a_write_out_of_bounds():
+    """A kernel that writes past its output fails at the launch, not later in the heap."""
+    kernel = broken(gates, "i_out[token * (G / 2) + row] = g;", "i_out[token * (G / 2) + row + 1000] = g;")
+    x, w, b = kernels._random_gate_inputs(M=3, G=6, K=72)
+    with pytest.raises(AssertionError, match="wrote outside output 0"):
+        gates.launch(kernel, x, w, b, 15.0)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -34,10 +35,11 @@ from mlx_lm_xlstm.kernels.spelling import CUDA  # noqa: E402
 MODULES = {"step": step, "gates": gates, "gated_norm": gated_norm, "chunk_states": chunk_states}
 
 
-def body_at(revision: str, name: str) -> str:
-    """The CUDA body of kernels/<name>.py at `revision` (its `source`, run on that file's text):
-    a git revision, or a folder holding that revision's mlx_lm_xlstm/ (a machine without the
-    repository's history: `git archive REV mlx_lm_xlstm/kernels | tar -x -C DIR`)."""
+def module_at(revision: str, name: str) -> SimpleNamespace:
+    """kernels/<name>.py at `revision`, all but the line that builds its kernel, run with its
+    relative imports made absolute: its names, body and launch. `revision`: a git revision, or
+    a folder holding that revision's mlx_lm_xlstm/ (a machine without the repository's
+    history: `git archive REV mlx_lm_xlstm/kernels | tar -x -C DIR`)."""
     if Path(revision).is_dir():
         text = (Path(revision) / "mlx_lm_xlstm" / "kernels" / f"{name}.py").read_text()
     else:
@@ -45,33 +47,38 @@ def body_at(revision: str, name: str) -> str:
             ["git", "-C", str(ROOT), "show", f"{revision}:mlx_lm_xlstm/kernels/{name}.py"],
             capture_output=True, text=True, check=True,
         ).stdout
-    # the module's text up to where it builds its kernel, its relative imports made absolute
     text = re.sub(r"^from \.(\w*) import", lambda m: f"from mlx_lm_xlstm.kernels{'.' + m[1] if m[1] else ''} import", text, flags=re.M)
+    text = re.sub(r"^BUILT = kernel = .*$", "BUILT = kernel = None", text, flags=re.M)
     namespace = {"__name__": f"{name}_at_{revision}"}
-    exec(text.split("\nBUILT = kernel")[0], namespace)
-    return namespace["source"](CUDA)
+    exec(text, namespace)
+    if "LAUNCH_BOUNDS" not in namespace:  # before e61e17d the step spelled its bounds in _build
+        found = re.search(r"launch_bounds=(\([^)]*\))", text)
+        namespace["LAUNCH_BOUNDS"] = eval(found[1], namespace) if found else None
+    return SimpleNamespace(**namespace)
 
 
-def cuda_kernel(module, body: str) -> cuda.Kernel:
-    """A kernel of `module`'s names, launch-time sizes and launch bounds with this body."""
+def cuda_kernel(module, tag: str) -> cuda.Kernel:
+    """`module`'s kernel (its names, body, launch-time sizes and launch bounds), named apart by
+    `tag`: MLX keeps a loaded kernel by its name."""
     bounds = getattr(module, "LAUNCH_BOUNDS", None)
-    return cuda.Kernel(module.NAME + "_ab", module.INPUTS, module.OUTPUTS, body, runtime=module.RUNTIME, launch_bounds=bounds)
+    name = f"{module.NAME}_{re.sub(r'[^A-Za-z0-9]', '_', tag)}"
+    return cuda.Kernel(name, module.INPUTS, module.OUTPUTS, module.source(CUDA), runtime=module.RUNTIME, launch_bounds=bounds)
 
 
 def launcher(name: str, B: int, small: bool):
-    """A function of a kernel: one launch of kernel `name` on fixed random inputs."""
+    """A function of (kernel, its module's launch): one launch of kernel `name` on fixed random inputs."""
     H, Dqk, Dv, K = (2, 16, 40, 72) if small else (8, 256, 512, 4096)
     if name == "step":
         args = kernels._random_step_inputs(B=B, T=1, H=H, Dqk=Dqk, Dv=Dv, dtype=mx.bfloat16)
-        return lambda k: [step.launch(k, *args, 1e-6)]
+        return lambda kernel, launch: [launch(kernel, *args, 1e-6)]
     if name == "gates":
         x, w, b = kernels._random_gate_inputs(M=B, G=2 * H, K=K, dtype=mx.bfloat16)
-        return lambda k: [gates.launch(k, x, w, b, 15.0)]
+        return lambda kernel, launch: [launch(kernel, x, w, b, 15.0)]
     if name == "gated_norm":
         h, qkvo, w, _, o = kernels._random_norm_inputs(B=B, T=1, H=H, Dv=Dv, dtype=mx.bfloat16, bias=False)
-        return lambda k: [gated_norm.launch(k, h, qkvo, w, None, o, 1e-6)]
+        return lambda kernel, launch: [launch(kernel, h, qkvo, w, None, o, 1e-6)]
     args = kernels._random_chunk_inputs(B=1, H=H, NC=(3 if small else 32) * B, Dqk=Dqk, Dv=Dv, dtype=mx.bfloat16)
-    return lambda k: [chunk_states.launch(k, *args)]
+    return lambda kernel, launch: [launch(kernel, *args)]
 
 
 def flat(tree) -> list:
@@ -84,7 +91,7 @@ def launch_rows(sides: dict, rounds: int, launches: int, small: bool = False) ->
     for name in MODULES:
         for B in (1, 16):
             run = launcher(name, B, small)
-            outs = {side: flat(run(k[name])) for side, k in sides.items()}
+            outs = {side: flat(run(*k[name])) for side, k in sides.items()}
             mx.eval(outs)
             first, second = outs.values()
             row = {"same outputs": all(mx.array_equal(a, b).item() for a, b in zip(first, second))}
@@ -94,7 +101,7 @@ def launch_rows(sides: dict, rounds: int, launches: int, small: bool = False) ->
                     mx.synchronize()
                     start = time.perf_counter()
                     for _ in range(launches):
-                        result = run(k[name])
+                        result = run(*k[name])
                     mx.eval(flat(result))
                     mx.synchronize()
                     times[side].append(1e6 * (time.perf_counter() - start) / launches)
@@ -112,9 +119,9 @@ def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
     # a compiled prefill piece keeps the kernel it was traced with: one compiled function a side
     chunkwise = {side: mx.compile(functools.partial(mlstm.mlstm_chunkwise_ops, states=kernels.chunk_states_kernel)) for side in sides}
 
-    def use(side):
+    def use(side):  # the kernel and the launch of the same revision: launches change with bodies
         for name, module in MODULES.items():
-            module.kernel = sides[side][name]
+            module.kernel, module.launch = sides[side][name]
         mlstm._compiled_chunkwise_fused = chunkwise[side]
 
     model = bench.build_model(shape, mx.bfloat16)
@@ -160,11 +167,9 @@ def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
 
 
 def sides_for(revision: str, make=cuda_kernel) -> dict:
-    """{revision: kernels of its bodies, "tree": this tree's}, by kernel name."""
-    return {
-        revision: {name: make(module, body_at(revision, name)) for name, module in MODULES.items()},
-        "tree": {name: make(module, module.source(CUDA)) for name, module in MODULES.items()},
-    }
+    """{revision: ..., "tree": ...}: by kernel name, (kernel, launch) of that revision's module."""
+    modules = {revision: {name: module_at(revision, name) for name in MODULES}, "tree": dict(MODULES)}
+    return {side: {name: (make(m, side), m.launch) for name, m in found.items()} for side, found in modules.items()}
 
 
 def main():

@@ -18,6 +18,7 @@ HEADER = Path(__file__).resolve().parent.parent / "cuda_emulator.h"
 BUILD = Path(tempfile.gettempdir()) / "mlx_lm_xlstm_cuda_emulator"
 # bf16 crosses into numpy as its bits
 NUMPY = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.float16: np.float16}
+GUARD = 65536  # bytes either side of each output
 
 
 def _to_numpy(x: mx.array) -> np.ndarray:
@@ -43,13 +44,20 @@ class EmulatedKernel:
         if key not in self._launches:
             self._launches[key] = self._build(*key)
         ins = [_to_numpy(x) for x in inputs]
-        outs = [np.zeros(shape, NUMPY[d]) for shape, d in zip(output_shapes, output_dtypes)]
+        # each output between guard bytes: a write out of bounds fails here, not later in the heap
+        padded = [np.full(int(np.prod(shape)) * np.dtype(NUMPY[d]).itemsize + 2 * GUARD, 0xA5, np.uint8) for shape, d in zip(output_shapes, output_dtypes)]
+        outs = [p[GUARD:-GUARD].view(NUMPY[d]).reshape(shape) for p, shape, d in zip(padded, output_shapes, output_dtypes)]
+        for o in outs:
+            o[...] = 0
         buffers = (ctypes.c_void_p * len(ins + outs))(*[a.ctypes.data for a in ins + outs])
         scalars = [int(dict(template)[n]) for n in runtime]
         ints = (ctypes.c_int * max(1, len(scalars)))(*scalars)
         blocks = [-(-g // t) for g, t in zip(grid, threadgroup)]
         self._launches[key](buffers, ints, *blocks, *threadgroup)
-        return [_from_numpy(a, d) for a, d in zip(outs, output_dtypes)]
+        for j, p in enumerate(padded):
+            if (p[:GUARD] != 0xA5).any() or (p[-GUARD:] != 0xA5).any():
+                raise AssertionError(f"the emulated {self.kernel.name} wrote outside output {j} ({self.kernel.output_names[j]})")
+        return [_from_numpy(np.array(a), d) for a, d in zip(outs, output_dtypes)]
 
     def _build(self, input_dtypes, output_dtypes, constants):
         symbol, unit = self.kernel.source(input_dtypes, output_dtypes, constants)
