@@ -3,8 +3,9 @@
 // __shared__ arrays are statics (one threadgroup at a time uses them), __syncthreads() is a
 // barrier of the threadgroup and a warp shuffle a barrier of its 32 threads. A test of the
 // kernels' logic (indexing, barriers, arithmetic) without a GPU, not of their speed, nor of
-// races the hardware's scheduling would expose. Every thread must reach every barrier (a
-// thread that returns early hangs the others: the kernels' early returns have none after).
+// races the hardware's scheduling would expose. A thread that returns early must take its
+// whole warp with it and leave no __syncthreads behind, or the others wait forever (the
+// kernels' early returns do so).
 #pragma once
 #include <barrier>
 #include <cmath>
