@@ -131,9 +131,8 @@ def gated_norm_outputs(inputs, template, grid, threadgroup):
 def gates_outputs(inputs, template, grid, threadgroup):
     x, weight, bias, cap = inputs
     G, K = weight.shape
-    M = x.size // K
-    assert template["G"] == G and template["K"] == K and template["M"] == M and threadgroup == (32 * gates.TOKENS, 1, 1)
-    assert grid[0] >= 32 * M and grid[0] % threadgroup[0] == 0 and grid[1] == G and grid[2] == 1
+    assert template["G"] == G and template["K"] == K and threadgroup[0] == 32 * G
+    assert grid[0] == 32 * G * (x.size // K) and grid[1] == grid[2] == 1
     return list(large.head_gates_ops(x, weight, bias, cap.item()))
 
 
@@ -509,6 +508,8 @@ def test_gates_take_the_ops_path_for_inputs_they_do_not_take(stand_in_gates):
     large.head_gates(x, weight.astype(mx.int32), bias, 15.0)  # gate weights not floating point
     large.head_gates(x.astype(mx.int32), weight, bias, 15.0)  # tokens of a dtype it does not read
     large.head_gates(x, weight, bias.astype(mx.int32), 15.0)  # nor the biases
+    x, weight, bias = random_gates((1, 2), 2 * gates.MAX_ROWS, 16, mx.float32)
+    large.head_gates(x, weight, bias, 15.0)  # more rows than a threadgroup's warps
     assert kernel.calls == 0
 
 

@@ -399,7 +399,7 @@ def head_gates_kernel_applies(x, weight, bias) -> bool:
     return (
         x.shape[-1] == K
         and G % 2 == 0
-        and G > 0
+        and 0 < G <= _gates.MAX_ROWS
         and bias.shape == (G,)
         and all(a.dtype in _INPUT_DTYPES for a in (x, weight, bias))
         and _kernel_ok("gates")

@@ -10,8 +10,7 @@ slice, cast). The kernel reads each contribution once and writes each entering s
 Work split: one thread per element of a head's [C | n] (Dqk * Dv + Dqk values), one grid
 row per (sequence, head); each thread walks the chunks in order. The stabiliser is a
 scalar recurrence that every thread recomputes (two loads per chunk, shared by the whole
-head, so cached). Consecutive threads touch consecutive elements: coalesced. A chunk's loads
-are issued while the chunk before is summed.
+head, so cached). Consecutive threads touch consecutive elements: coalesced.
 The chunk count NC is a launch argument (one binary for every prompt length).
 """
 
@@ -36,21 +35,8 @@ _BODY = """
 
     float m_run = m[bh];
     float s = in_C ? C[(size_t)bh * CSIZE + at] : n[(size_t)bh * DQK + at];
-    // Each chunk's loads are issued a chunk ahead, before this chunk's stores (which the
-    // compiler may not move them past): a chunk waits for memory while the last is summed.
-    float d_next = NC > 0 ? (in_C ? float(dC[base]) : float(dn[base])) : 0.0f;
-    float g_next = NC > 0 ? g[bh * NC] : 0.0f;
-    float a_next = NC > 0 ? a_max[bh * NC] : 0.0f;
     for (uint c = 0; c < NC; ++c) {
         const size_t here = base + (size_t)c * stride;
-        const float d = d_next;
-        const float g_c = g_next;
-        const float a_c = a_next;
-        if (c + 1 < NC) {
-            d_next = in_C ? float(dC[here + stride]) : float(dn[here + stride]);
-            g_next = g[bh * NC + c + 1];
-            a_next = a_max[bh * NC + c + 1];
-        }
         if (in_C) {
             C_in[here] = static_cast<T>(s);
         } else {
@@ -59,7 +45,10 @@ _BODY = """
         if (e == 0) {
             m_in[bh * NC + c] = m_run;
         }
+        const float g_c = g[bh * NC + c];
+        const float a_c = a_max[bh * NC + c];
         const float m_next = MAX(g_c + m_run, a_c);
+        const float d = in_C ? float(dC[here]) : float(dn[here]);
         s = EXP(g_c + m_run - m_next) * s + EXP(a_c - m_next) * d;
         m_run = m_next;
     }

@@ -11,8 +11,7 @@ Work split: one threadgroup of TPB threads per (token, head), all along the grid
 DV / TPB of the head's values in registers; the sums of the mean and of the variance meet
 by lane shuffles within each simdgroup / warp, then in threadgroup memory.
 o is read in place from the fused q|k|v|o projection's output (its columns from O_START):
-a slice of it would be copied first. A thread loads everything it needs (h, weight, bias,
-o) before the sums, so that the loads wait out one memory latency together.
+a slice of it would be copied first.
 """
 
 import mlx.core as mx
@@ -49,24 +48,12 @@ _BODY = (
     constexpr uint PER = (DV + TPB - 1) / TPB;
     SHARED float partial[TPB / 32];
 
-    // Every load first (h, and the weight, bias and gate the end needs): they wait out one
-    // memory latency together, not one before the sums and another after them.
     float x[PER];
-    float w_r[PER];
-    float b_r[PER];
-    float o_r[PER];
-    #pragma unroll
-    for (uint j = 0; j < PER; ++j) {
-        const uint c = tid + j * TPB;
-        const uint ch = head * DV + c;
-        x[j] = c < DV ? h[(size_t)row * DV + c] : 0.0f;
-        w_r[j] = c < DV ? float(weight[ch]) : 0.0f;
-        b_r[j] = (HAS_BIAS && c < DV) ? float(bias[ch]) : 0.0f;
-        o_r[j] = c < DV ? float(qkvo[(size_t)token * E + O_START + ch]) : 0.0f;
-    }
     float sum = 0.0f;
     #pragma unroll
     for (uint j = 0; j < PER; ++j) {
+        const uint c = tid + j * TPB;
+        x[j] = c < DV ? h[(size_t)row * DV + c] : 0.0f;
         sum += x[j];
     }
 """
@@ -89,11 +76,13 @@ _BODY = (
     for (uint j = 0; j < PER; ++j) {
         const uint c = tid + j * TPB;
         if (c < DV) {
-            float y = x[j] * inv_std * w_r[j];
+            const uint ch = head * DV + c;
+            float y = x[j] * inv_std * float(weight[ch]);
             if (HAS_BIAS) {
-                y += b_r[j];
+                y += float(bias[ch]);
             }
-            out[(size_t)token * (NH * DV) + head * DV + c] = static_cast<T>(y / (1.0f + EXP(-o_r[j])));
+            const float o = float(qkvo[(size_t)token * E + O_START + ch]);
+            out[(size_t)token * (NH * DV) + ch] = static_cast<T>(y / (1.0f + EXP(-o)));
         }
     }
 """

@@ -7,16 +7,11 @@ log-sigmoid launch (the split between them ends a fused run): four launches a la
 sixteen numbers a token, and a decode step pays for each launch, on the host (MLX encodes
 every op) and on the GPU.
 
-Work split: one simdgroup / warp per (token, gate row) (input gates, then forget gates: G
-rows), TOKENS tokens of one row a threadgroup (they share the row's weights in cache), the
-rows along the grid's y; lane l sums the products at k = l, l + 32, ... in fp32 (exponential
-gates amplify rounding), the lanes meet by shuffles, and lane 0 finishes. A decode step's
-gates so spread over G threadgroups, and SMs, where a threadgroup a token put the whole
-layer's gate weights (G rows of K, 256 KiB fp32 at 7B) through one SM. The loop is unrolled
-eight times: K is a launch argument, so the compiler would not, and each product waited for
-its own two loads (128 waits in a row at the 7B's K); unrolled, sixteen are in flight at
-once, summed in the same order (the same result). A folder may hold the gate weights in bf16
-(mlx_lm.convert keeps them fp32): they are read as fp32, as the ops path casts them.
+Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
+forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (exponential
+gates amplify rounding), the lanes meet by shuffles, and lane 0 finishes the row. A folder
+may hold the gate weights in bf16 (mlx_lm.convert keeps them fp32): they are read as fp32,
+as the ops path casts them.
 """
 
 import mlx.core as mx
@@ -25,14 +20,10 @@ from . import gpu
 from .spelling import spell
 
 _BODY = """
+    const uint row = TID_X / 32;
     const uint lane = TID_X % 32;
-    const uint token = GID_X / 32;
-    const uint row = GID_Y;
-    if (token >= M) {  // a whole warp: no shuffle is left waiting
-        return;
-    }
+    const uint token = GID_X / (32 * G);
     float s = 0.0f;
-    #pragma unroll 8
     for (uint k = lane; k < K; k += 32) {
         s += float(x[(size_t)token * K + k]) * float(w[(size_t)row * K + k]);
     }
@@ -60,14 +51,13 @@ def source(backend: dict) -> str:
     return spell(_BODY, backend)
 
 
-TOKENS = 8  # tokens a threadgroup: a warp each
-
-
 NAME = "xlstm_head_gates"
 INPUTS = ["x", "w", "bias", "cap"]
 OUTPUTS = ["i_out", "log_f_out"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
-RUNTIME = ["K", "M"]
+RUNTIME = ["K"]
+# The most gate rows a threadgroup takes (a warp each): 1024 threads.
+MAX_ROWS = 32
 
 # The kernel built for this machine; `kernel` is what runs (tests stand another one in).
 BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME)
@@ -80,9 +70,9 @@ def launch(kernel, x, weight, bias, cap, verbose=False):
     tokens = x.size // K
     i, log_f = kernel(
         inputs=[x, weight, bias, mx.array([cap], mx.float32)],
-        template=[("G", G), ("K", K), ("M", tokens)],
-        grid=(32 * TOKENS * -(-tokens // TOKENS), G, 1),
-        threadgroup=(32 * TOKENS, 1, 1),
+        template=[("G", G), ("K", K)],
+        grid=(32 * G * tokens, 1, 1),
+        threadgroup=(32 * G, 1, 1),
         output_shapes=[(*x.shape[:-1], G // 2)] * 2,
         output_dtypes=[mx.float32] * 2,
         verbose=verbose,

@@ -8,14 +8,10 @@ so costs about one step), and writes the new C once.
 
 Work split: a threadgroup of 32 x ROWS threads owns one (sequence, head) and 32 value
 columns; thread (x, y) keeps the rows y, y + ROWS, ... of C for its column (each warp reads
-128 contiguous bytes a row). Per token the threadgroup first puts the gated k, the scaled q
-and the new n of its head in threadgroup memory (one thread a row, which keeps that row of n
-in a register), then every thread updates its part of C and its partial readout q·C; the
-ROWS partials meet in threadgroup memory. A token's loads (gates, q, k, v; for the first,
-C too) are all issued before any is used, so that they wait out one memory latency together:
-the body before loaded n, the gates, q and k, and v each after the previous had arrived,
-four latencies in a row before a decode step's first update (same results to the bit, on
-the CPU emulation; the GPU's timing of the two is the next device lease's to take). Few registers a
+128 contiguous bytes a row), all loaded before the first update so the loads are in flight
+together. Per token the threadgroup first puts the gated k, the scaled q and the new n of
+its head in threadgroup memory (one thread a row), then every thread updates its part of C
+and its partial readout q·C; the ROWS partials meet in threadgroup memory. Few registers a
 thread (its rows of C only) keep many threadgroups resident: at ROWS = 8 with n and q, k
 in registers too, a thread took 137 registers, one threadgroup fitted an SM, and the kernel
 reached 3.5% (batch 1) and 19% (batch 16) of the H200's memory bandwidth (ncu). On CUDA
@@ -48,8 +44,6 @@ _BODY = """
     const bool live = d < DV;
     const float scale = RSQRT(float(DQK));
     constexpr uint PER_THREAD = (DQK + ROWS - 1) / ROWS;
-    // The rows of n, k and q a thread stages in threadgroup memory: a = tid + j * 32 * ROWS.
-    constexpr uint PER_STAGED = (DQK + 32 * ROWS - 1) / (32 * ROWS);
 
     SHARED float k_s[DQK];
     SHARED float q_s[DQK];
@@ -57,56 +51,35 @@ _BODY = """
     SHARED float num_part[ROWS][32];
     SHARED float den_part[ROWS];
 
-    float n_r[PER_STAGED];
+    float c[PER_THREAD];
     #pragma unroll
-    for (uint j = 0; j < PER_STAGED; ++j) {
-        const uint a = tid + j * 32 * ROWS;
-        n_r[j] = a < DQK ? n[bh * DQK + a] : 0.0f;
+    for (uint j = 0; j < PER_THREAD; ++j) {
+        const uint a = y + j * ROWS;
+        c[j] = (live && a < DQK) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
+    }
+    for (uint a = tid; a < DQK; a += 32 * ROWS) {
+        n_s[a] = n[bh * DQK + a];
     }
     float m_run = m[bh];
-    float c[PER_THREAD];
 
     for (uint t = 0; t < STEPS; ++t) {
-        // All of a token's loads (and, for the first, C's) are issued before any is used:
-        // they wait out one memory latency together, not one after another.
         const size_t token = (size_t)b * STEPS + t;
         const size_t at = token * NH + head;
         const size_t q_at = token * Q_STRIDE + Q_OFF + head * DQK;
         const size_t k_at = token * K_STRIDE + K_OFF + head * DQK;
         const float lf = log_f[at];
         const float ig = i[at];
-        float q_r[PER_STAGED];
-        float k_r[PER_STAGED];
-        #pragma unroll
-        for (uint j = 0; j < PER_STAGED; ++j) {
-            const uint a = tid + j * 32 * ROWS;
-            q_r[j] = a < DQK ? float(q[q_at + a]) : 0.0f;
-            k_r[j] = a < DQK ? float(k[k_at + a]) : 0.0f;
-        }
-        const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
-        if (t == 0) {
-            #pragma unroll
-            for (uint j = 0; j < PER_THREAD; ++j) {
-                const uint a = y + j * ROWS;
-                c[j] = (live && a < DQK) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
-            }
-        }
-
         const float m_new = MAX(lf + m_run, ig);
         const float f_act = EXP(lf + m_run - m_new);
         const float i_act = EXP(ig - m_new);
-        #pragma unroll
-        for (uint j = 0; j < PER_STAGED; ++j) {
-            const uint a = tid + j * 32 * ROWS;
-            if (a < DQK) {
-                const float k_a = i_act * k_r[j];
-                n_r[j] = f_act * n_r[j] + k_a;
-                k_s[a] = k_a;
-                q_s[a] = scale * q_r[j];
-                n_s[a] = n_r[j];
-            }
+        for (uint a = tid; a < DQK; a += 32 * ROWS) {
+            const float k_a = i_act * float(k[k_at + a]);
+            k_s[a] = k_a;
+            q_s[a] = scale * float(q[q_at + a]);
+            n_s[a] = f_act * n_s[a] + k_a;
         }
         BARRIER;
+        const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
         float num = 0.0f;
         float den = 0.0f;
         #pragma unroll
@@ -146,12 +119,8 @@ _BODY = """
         }
     }
     if (d < 32) {  // the threadgroup of columns 0-31
-        #pragma unroll
-        for (uint j = 0; j < PER_STAGED; ++j) {
-            const uint a = tid + j * 32 * ROWS;
-            if (a < DQK) {
-                n_out[bh * DQK + a] = n_r[j];
-            }
+        for (uint a = tid; a < DQK; a += 32 * ROWS) {
+            n_out[bh * DQK + a] = n_s[a];
         }
         if (tid == 0) {
             m_out[bh] = m_run;
