@@ -36,12 +36,16 @@ def test_the_decode_host_split_is_part_of_the_step():
 
 def test_the_kernel_ab_compares_the_bodies_at_a_commit_with_the_tree():
     """tools/bench_kernels.py's sides, run on the CPU (the CUDA units emulated): HEAD's bodies
-    against the tree's give the same outputs, kernel by kernel."""
+    against the tree's give the same outputs, kernel by kernel; a kernel whose body differs
+    gets a configuration of its own."""
     import bench_kernels
     from helpers.cuda_emulator import EmulatedKernel
 
     sides = bench_kernels.sides_for("HEAD", make=lambda module, tag: EmulatedKernel(bench_kernels.cuda_kernel(module, tag)))
     assert set(sides) == {"HEAD", "tree"}
-    rows = bench_kernels.launch_rows(sides, rounds=1, launches=1, small=True)
+    rows = bench_kernels.same_outputs(sides, small=True)
     assert set(rows) == {f"{name} B={B}" for name in bench_kernels.MODULES for B in (1, 16)}
-    assert all(row["same outputs"] for row in rows.values())
+    assert all(rows.values())
+    assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree"}  # no body differs
+    sides["tree"]["gates"][0].kernel.body += "\n"
+    assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree", "tree, gates from HEAD"}

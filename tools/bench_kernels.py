@@ -3,12 +3,13 @@
     python tools/bench_kernels.py --against 3e9faa9 --json kernels_ab.json
     python tools/bench_kernels.py --against DIR ...   # DIR: that commit's mlx_lm_xlstm/ (no git there)
 
-For each kernel (step, gates, gated norm, chunk states): whether both bodies give the same
-outputs, and their time a launch at the 7B's shapes (batch 1 and 16; chunk states: a
-2048-token piece, and 16 of them); then decode (batch 1 and 16, pipelined as mlx-lm's loop,
-a compiled step per side) and prefill of 8,192 tokens through a random 7B with either side's
-bodies. Rounds interleave the two sides: on a shared machine separate processes of the same
-code vary more than most kernel changes do.
+First whether each kernel (step, gates, gated norm, chunk states) gives the same outputs from
+both bodies, each run by its own revision's launch; then decode (batch 1 and 16, pipelined as
+mlx-lm's loop, a compiled step per configuration) and prefill of 8,192 tokens through a random
+7B with: every kernel from the commit, every kernel from the tree, and the tree with one
+kernel from the commit (for each kernel whose body differs). Rounds interleave the
+configurations: separate processes of the same code vary more than most kernel changes do,
+and a kernel's own launch time says little where the host sets a decode step's pace.
 """
 
 import argparse
@@ -85,33 +86,32 @@ def flat(tree) -> list:
     return [y for x in tree for y in (flat(x) if isinstance(x, (list, tuple)) else [x])]
 
 
-def launch_rows(sides: dict, rounds: int, launches: int, small: bool = False) -> dict:
-    """Per kernel and batch: same outputs?, and each side's median microseconds a launch."""
+def same_outputs(sides: dict, small: bool = False) -> dict:
+    """Per kernel and batch: whether both sides' (kernel, launch) give the same outputs."""
     rows = {}
     for name in MODULES:
         for B in (1, 16):
             run = launcher(name, B, small)
-            outs = {side: flat(run(*k[name])) for side, k in sides.items()}
+            outs = [flat(run(*side[name])) for side in sides.values()]
             mx.eval(outs)
-            first, second = outs.values()
-            row = {"same outputs": all(mx.array_equal(a, b).item() for a, b in zip(first, second))}
-            times = {side: [] for side in sides}
-            for _ in range(rounds):
-                for side, k in sides.items():
-                    mx.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(launches):
-                        result = run(*k[name])
-                    mx.eval(flat(result))
-                    mx.synchronize()
-                    times[side].append(1e6 * (time.perf_counter() - start) / launches)
-            rows[f"{name} B={B}"] = {**row, **{f"{side} us": statistics.median(t) for side, t in times.items()}}
-            print(f"  {name} B={B}: {rows[f'{name} B={B}']}", flush=True)
+            rows[f"{name} B={B}"] = all(mx.array_equal(a, b).item() for a, b in zip(*outs))
     return rows
 
 
+def configurations(sides: dict, revision: str) -> dict:
+    """Every kernel from `revision`, every kernel from the tree, and the tree with one kernel
+    from `revision` for each kernel whose body differs."""
+    old, tree = sides[revision], sides["tree"]
+    found = {revision: old, "tree": tree}
+    for name, module in MODULES.items():
+        if old[name][0].body != tree[name][0].body:
+            found[f"tree, {name} from {revision}"] = {**tree, name: old[name]}
+    return found
+
+
 def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
-    """Decode and prefill through the model with each side's kernels, rounds interleaved."""
+    """Decode and prefill through the model with each configuration's kernels (name -> {kernel
+    name: (kernel, launch)}), rounds interleaved."""
     import bench
 
     from mlx_lm_xlstm.recurrent import CompiledDecode
@@ -162,7 +162,7 @@ def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
         for side in sides:
             use(side)
             tok_s.setdefault(f"prefill 8192 {side}", []).append(bench.prefill_tok_s(model, 8192, repeat=1)[0])
-    use(list(sides)[-1])
+    use("tree")
     return {key: {"median tok/s": statistics.median(v), "rounds": v} for key, v in tok_s.items()}
 
 
@@ -176,17 +176,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--against", required=True, help="the commit (or a folder of its mlx_lm_xlstm/) to compare with")
     p.add_argument("--shape", default="7b", help="the model of the decode and prefill rows")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--seconds", type=float, default=60, help="at most this long for the decode rounds")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seconds", type=float, default=150, help="at most this long for the decode rounds")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if not mx.cuda.is_available():
         sys.exit("bench_kernels.py times CUDA kernels: it needs MLX's CUDA build and a GPU")
     sides = sides_for(a.against)
     result = {"against": a.against, "first-use checks (tree)": {n: f() for n, f in kernels._CHECKS.items()}}
+    result["same outputs"] = same_outputs(sides)
     print(json.dumps(result), flush=True)
-    result["launches"] = launch_rows(sides, a.rounds, 64)
-    result["model"] = model_rows(sides, a.shape, a.rounds, a.seconds)
+    result["model"] = model_rows(configurations(sides, a.against), a.shape, a.rounds, a.seconds)
     print(json.dumps({k: v["median tok/s"] for k, v in result["model"].items()}, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

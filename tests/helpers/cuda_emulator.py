@@ -37,6 +37,10 @@ class EmulatedKernel:
         self.kernel = kernel
         self._launches = {}
 
+    @property
+    def body(self) -> str:
+        return self.kernel.body
+
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose=False):
         runtime = self.kernel.runtime
         constants = tuple((n, v) for n, v in template if n not in runtime)
