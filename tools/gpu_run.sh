@@ -6,12 +6,15 @@
 #   bash tools/gpu_run.sh peer      # the peer (tools/bench_peer.py: torch.compile takes ~3 min),
 #                                   # the 7B random folders, speculative decoding's tests
 #   bash tools/gpu_run.sh steady    # ours through mlx-lm's tools: benchmark, batch_generate, server
-#                                   # (tools/bench.py --tools-only); speculative decoding at 7B
+#                                   # (tools/bench.py --tools-only; the kernels' build ~160 s
+#                                   # first), BUDGET 570 unless set: give the call 600 s
+#   bash tools/gpu_run.sh speculative  # speculative decoding at 7B (tools/bench_speculative.py)
 #   bash tools/gpu_run.sh harness   # the harness rows that explain them (floors, cell, eager/ops)
 #   bash tools/gpu_run.sh startup   # start-up vs a 7B llama (tools/bench_startup.py), ~7 min
 #   bash tools/gpu_run.sh kernelab DIR  # kernel bodies of DIR (a commit's mlx_lm_xlstm/, carried:
 #                                   # `git archive REV mlx_lm_xlstm/kernels | tar -x -C DIR`) against
-#                                   # the tree's, launches then decode and prefill (bench_kernels.py)
+#                                   # the tree's: outputs, then decode and prefill, one kernel
+#                                   # swapped at a time (bench_kernels.py)
 #   bash tools/gpu_run.sh newlength # after peer (its folders): one process each, new prompt
 #                                   # lengths with MLX's CUDA graphs on and off (is a new
 #                                   # length's extra time graph instantiation?)
@@ -29,6 +32,7 @@ export PYTHONPATH="/tmp/site"
 # mlx-lm's own CLIs find the plugin through its registration hook
 printf '%s\nimport mlx_lm_xlstm._hook\n' "$PWD" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/mlx_lm_xlstm_dev.pth"
 WORK=/tmp/su; mkdir -p $WORK
+[ "$1" = steady ] && : "${BUDGET:=570}"  # the tools rows alone take ~7 min on a fresh machine
 left() { echo $(( ${BUDGET:-430} - ($(date +%s) - started) )); }
 
 if [ "$1" = startup ]; then
@@ -47,12 +51,11 @@ elif [ "$1" = kernels ]; then
   # the kernels themselves: no remembered first-use checks
   MLX_XLSTM_CACHE_DIR=$(mktemp -d) timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -25 | tee "$OUT/test_kernels.log"
 elif [ "$1" = steady ]; then
-  timeout $(( $(left) - 150 )) python3 tools/bench.py --shape 7b --tools-only --mlx-lm $WORK/xlstm --server \
+  timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --tools-only --mlx-lm $WORK/xlstm --server \
     --peer-json $WORK/peer.json --json "$OUT/tools_7b.json" 2>&1 | tee "$OUT/tools_7b.log"
   cp $WORK/server-xlstm.log "$OUT/" 2>/dev/null
-  if [ "$(left)" -gt 40 ]; then
-    timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
-  fi
+elif [ "$1" = speculative ]; then
+  timeout $(( $(left) - 5 )) python3 tools/bench_speculative.py --shape 7b --json "$OUT/speculative_7b.json" 2>&1 | tail -40 | tee "$OUT/speculative.log"
 elif [ "$1" = kernelab ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench_kernels.py --against "$2" --json "$OUT/kernels_ab.json" 2>&1 | tee "$OUT/kernels_ab.log"
 elif [ "$1" = newlength ]; then
@@ -66,6 +69,6 @@ elif [ "$1" = harness ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
     --peer-json $WORK/peer.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
 else
-  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|harness|startup|kernelab DIR|newlength" >&2; exit 2
+  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|speculative|harness|startup|kernelab DIR|newlength" >&2; exit 2
 fi
 echo "gpu_run $1 done after $(( $(date +%s) - started )) s"
