@@ -10,7 +10,7 @@ from helpers.cuda_emulator import EmulatedKernel, emulated
 
 from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 CHECKS = {
@@ -49,7 +49,7 @@ def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
 def broken(module, before: str, after: str) -> EmulatedKernel:
     body = module.source(CUDA)
     assert before in body
-    return EmulatedKernel(cuda.Kernel(module.NAME, module.INPUTS, module.OUTPUTS, body.replace(before, after, 1), runtime=module.RUNTIME))
+    return emulated(module, body.replace(before, after, 1))
 
 
 @pytest.mark.parametrize(

@@ -96,9 +96,10 @@ class EmulatedKernel:
         return launch
 
 
-def emulated(module) -> EmulatedKernel:
+def emulated(module, body=None) -> EmulatedKernel:
     """The CPU run of a kernel module's CUDA kernel (kernels/step.py, chunk_states.py, ...), as
-    `kernels.gpu.build` makes it on a GPU."""
+    `kernels.gpu.build` makes it on a GPU; `body`: another body in its place."""
     from mlx_lm_xlstm.kernels.spelling import CUDA
 
-    return EmulatedKernel(cuda.Kernel(module.NAME, module.INPUTS, module.OUTPUTS, module.source(CUDA), runtime=module.RUNTIME))
+    body = module.source(CUDA) if body is None else body
+    return EmulatedKernel(cuda.Kernel(module.NAME, module.INPUTS, module.OUTPUTS, body, runtime=module.RUNTIME))
