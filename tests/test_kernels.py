@@ -601,7 +601,7 @@ def test_gradients_through_the_matvec_kernel_are_the_ops_gradients(stand_in_matv
 
 def cuda_source(dtype, Dqk, Dv, body=None):
     """The translation unit the CUDA step kernel compiles (kernels/cuda.py)."""
-    kernel = cuda.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=step.RUNTIME)
+    kernel = cuda.Kernel(step.NAME, step.INPUTS, step.OUTPUTS, step.source(CUDA) if body is None else body, runtime=step.RUNTIME)
     layout = [("Q_STRIDE", 8 * Dqk), ("K_STRIDE", 8 * Dqk), ("V_STRIDE", 8 * Dv), ("Q_OFF", 0), ("K_OFF", 0), ("V_OFF", 0)]
     return kernel.source([dtype] * 3 + [mx.float32] * 6, [mx.float32] * 4, [("DQK", Dqk), ("DV", Dv), ("NH", 8), *layout])[1]
 
@@ -609,20 +609,20 @@ def cuda_source(dtype, Dqk, Dv, body=None):
 def cuda_chunk_states_source(dtype, Dqk, Dv, body=None):
     """The chunk-state kernel's unit: the chunk count is a launch argument, not compiled in."""
     body = chunk_states.source(CUDA) if body is None else body
-    kernel = cuda.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
+    kernel = cuda.Kernel(chunk_states.NAME, chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
     inputs = [mx.float32, mx.float32, dtype] + [mx.float32] * 4
     return kernel.source(inputs, [dtype] + [mx.float32] * 5, [("T", dtype), ("DQK", Dqk), ("DV", Dv)])[1]
 
 
 def cuda_gated_norm_source(dtype, Dv):
-    kernel = cuda.Kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, gated_norm.source(CUDA))
+    kernel = cuda.Kernel(gated_norm.NAME, gated_norm.INPUTS, gated_norm.OUTPUTS, gated_norm.source(CUDA))
     constants = [("T", dtype), ("NH", 8), ("DV", Dv), ("TPB", gated_norm.threads(Dv)), ("E", 12 * Dv), ("O_START", 4 * Dv), ("HAS_BIAS", 1)]
     return kernel.source([mx.float32, dtype, dtype, dtype, mx.float32], [dtype], constants)[1]
 
 
 def cuda_gates_source(dtype, G, body=None):
     body = gates.source(CUDA) if body is None else body
-    kernel = cuda.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
+    kernel = cuda.Kernel(gates.NAME, gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
     return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G)])[1]
 
 

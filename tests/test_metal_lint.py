@@ -62,7 +62,7 @@ def _zero_state(B, H, Dqk, Dv):
 
 
 def _step_source(body, dtype, Dqk, Dv, B=2, H=2, packed=False, T=3):
-    kernel = metal.Kernel("mlstm_step", step.INPUTS, step.OUTPUTS, body, runtime=step.RUNTIME)
+    kernel = metal.Kernel(step.NAME, step.INPUTS, step.OUTPUTS, body, runtime=step.RUNTIME)
 
     def call(q, k, v, i, log_f, C, n, m):
         # packed: q, k, v read in place from one (B * T, E) array (xLSTM-7b's fused projection)
@@ -113,7 +113,7 @@ def test_lint_catches_a_broken_kernel(breakage):
 
 
 def _chunk_states_source(body, dtype, NC, Dqk, Dv, B=2, H=2):
-    kernel = metal.Kernel("mlstm_chunk_states", chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
+    kernel = metal.Kernel(chunk_states.NAME, chunk_states.INPUTS, chunk_states.OUTPUTS, body, runtime=chunk_states.RUNTIME)
 
     def call(g, a_max, dC, dn, C, n, m):
         (C_in, n_in, m_in), (C, n, m) = chunk_states.launch(kernel, g, a_max, dC, dn, C, n, m, verbose=True)
@@ -153,7 +153,7 @@ def test_lint_catches_a_broken_chunk_states_kernel():
 
 
 def _gated_norm_source(body, dtype, Dv, bias):
-    kernel = metal.Kernel("mlstm_gated_head_norm", gated_norm.INPUTS, gated_norm.OUTPUTS, body)
+    kernel = metal.Kernel(gated_norm.NAME, gated_norm.INPUTS, gated_norm.OUTPUTS, body)
     H = 2
     call = lambda h, qkvo, w, b: gated_norm.launch(kernel, h, qkvo, w, b if bias else None, 2 * H * Dv, 1e-6, verbose=True)
     h, qkvo = zeros((2, 3, H, Dv)), zeros((2, 3, 3 * H * Dv), dtype)
@@ -175,7 +175,7 @@ def test_lint_catches_a_broken_gated_norm_kernel():
 
 
 def _gates_source(body, dtype, G):
-    kernel = metal.Kernel("xlstm_head_gates", gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
+    kernel = metal.Kernel(gates.NAME, gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
     call = lambda x, w, b: list(gates.launch(kernel, x, w, b, 15.0, verbose=True))
     return generated_metal_source(call, zeros((2, 3, 40), dtype), zeros((G, 40)), zeros((G,)))
 
