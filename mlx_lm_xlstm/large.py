@@ -123,18 +123,6 @@ def head_gates(x, weight, bias, cap: float):
     return head_gates_ops(x, weight, bias, cap)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (what quantization, LoRA, `shard` and the checkpoint see), whose calls on a
-    few tokens (decode steps, speculative verify calls) run in the matvec kernel where it
-    applies: a decode step is a pass over the weights, at the memory's pace
-    (`kernels/matvec.py`)."""
-
-    def __call__(self, x):
-        if "bias" not in self and fast_path_enabled() and kernels.matvec_kernel_applies(x, self.weight):
-            return kernels.matvec_kernel(x, self.weight)
-        return super().__call__(x)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float, bias: bool):
         super().__init__()
@@ -197,10 +185,10 @@ class mLSTMLayer(nn.Module):
         # One matmul for q, k, v and the output gate, one for the input and forget gates
         # (fp32): decode reads each weight once either way, but every launch saved is
         # time (issue 14's A/B on the H200: 172 -> 205 tok/s at batch 1, with the FFN's).
-        self.qkvo_proj = Linear(D, 2 * args.qk_dim + 2 * args.v_dim, bias=bias)
+        self.qkvo_proj = nn.Linear(D, 2 * args.qk_dim + 2 * args.v_dim, bias=bias)
         self.if_gate_preact = GateProjection(D, 2 * H)
         self.multihead_norm = MultiHeadLayerNorm(H, args.v_dim // H, args.norm_eps, bias)
-        self.out_proj = Linear(args.v_dim, D, bias=bias)
+        self.out_proj = nn.Linear(args.v_dim, D, bias=bias)
 
     def __call__(self, x, shape, mask=None, cache=None):
         """x: (B * T, D), the tokens of a (B, T) batch as rows (`mLSTMBlock`); returns the same."""
@@ -249,8 +237,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, F, bias = args.hidden_size, args.ffn_dim, args.use_bias
-        self.gate_up_proj = Linear(D, 2 * F, bias=bias)  # gate rows, then up rows: one matmul
-        self.down_proj = Linear(F, D, bias=bias)
+        self.gate_up_proj = nn.Linear(D, 2 * F, bias=bias)  # gate rows, then up rows: one matmul
+        self.down_proj = nn.Linear(F, D, bias=bias)
 
     def __call__(self, x):
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
@@ -300,7 +288,7 @@ class Model(RecurrentModel):
         self.model_type = args.model_type
         self.backbone = xLSTMBackbone(args)
         # transformers keeps a separate lm_head even when the config says tied.
-        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def forward(self, inputs, mask, cache, fresh: bool):
         if fresh and self.args.force_bos_token_insert:

@@ -47,16 +47,6 @@ inline float shuffle_xor(float x, unsigned int lanes) {
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-struct uint4 {
-  unsigned int x, y, z, w;
-};
-inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) { return {x, y, z, w}; }
-inline float __uint_as_float(unsigned int u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 union emulated_f32_bits {
   float f;
   unsigned int u;

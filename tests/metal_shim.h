@@ -27,16 +27,8 @@ struct bfloat16_t {
 
 struct uint2 { uint x, y; };
 struct uint3 { uint x, y, z; };
-struct uint4 {
-  uint x, y, z, w;
-  uint4() = default;
-  explicit uint4(uint);
-};
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
-
-template <typename T, typename U>
-T as_type(U);
 
 enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
 void threadgroup_barrier(mem_flags);

@@ -10,7 +10,7 @@ from helpers.cuda_emulator import EmulatedKernel, emulated
 
 from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, matvec, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 CHECKS = {
@@ -18,7 +18,6 @@ CHECKS = {
     "chunk_states": (chunk_states, kernels._chunk_states_match_ops),
     "gated_norm": (gated_norm, kernels._gated_norm_matches_ops),
     "gates": (gates, kernels._gates_match_ops),
-    "matvec": (matvec, kernels._matvec_matches_ops),
 }
 
 
@@ -47,18 +46,6 @@ def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("M", sorted(matvec.PLANS))
-def test_the_matvec_kernel_at_the_7b_width_matches_the_ops(M):
-    """K = 4,096 (16 loads a lane), every token tile; each token as in a call of one."""
-    x, w = kernels._random_matvec_inputs(M=M, N=24, K=4096)
-    kernel = emulated(matvec)
-    got = matvec.launch(kernel, x, w)
-    want = (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(mx.bfloat16)
-    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=2**-7, atol=1e-3)
-    alone = matvec.launch(kernel, x[-1:], w)
-    assert mx.array_equal(alone[0], got[-1]).item()
-
-
 def broken(module, before: str, after: str) -> EmulatedKernel:
     body = module.source(CUDA)
     assert before in body
@@ -73,9 +60,6 @@ def broken(module, before: str, after: str) -> EmulatedKernel:
         ("chunk_states", "m_run = m_next;", ""),  # the stabiliser never moves
         ("gated_norm", "x[j] - mean", "x[j]"),  # not centred
         ("gates", "for (unsigned int lanes = 16; lanes > 0; lanes /= 2)", "for (unsigned int lanes = 8; lanes > 0; lanes /= 2)"),
-        ("matvec", "kv += 32 * U", "kv += 64 * U"),  # every other load skipped
-        ("matvec", "b.w & 0xffff0000u", "b.w << 16"),  # odd weights misread
-        ("matvec", "acc[r][t] += float(w", "acc[r][t] -= float(w"),  # the unaligned path
     ],
 )
 def test_the_emulation_catches_a_broken_kernel(name, before, after, monkeypatch):

@@ -1,4 +1,4 @@
-"""The fused kernels (decode step, prefill chunk states, gated head norm, gates, matvec): dispatch and fallback (run
+"""The fused kernels (decode step, prefill chunk states, gated head norm, gates): dispatch and fallback (run
 everywhere, with stand-in kernels), the CUDA sources (compiled with nvcc where it is
 installed) and kernel-vs-ops parity (on a GPU: CUDA or Metal)."""
 
@@ -11,12 +11,11 @@ import warnings
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 
 from mlx_lm_xlstm import kernels, large
 from mlx_lm_xlstm import mlstm as ops
-from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, gpu, matvec, metal, step
+from mlx_lm_xlstm.kernels import chunk_states, cuda, gated_norm, gates, gpu, metal, step
 from mlx_lm_xlstm.kernels.spelling import CUDA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -135,14 +134,6 @@ def gates_outputs(inputs, template, grid, threadgroup):
     assert template["G"] == G and template["K"] == K and threadgroup[0] == 32 * G
     assert grid[0] == 32 * G * (x.size // K) and grid[1] == grid[2] == 1
     return list(large.head_gates_ops(x, weight, bias, cap.item()))
-
-
-def matvec_outputs(inputs, template, grid, threadgroup):
-    x, w = inputs
-    N, K = w.shape
-    assert (template["M"], template["K"], template["N"]) == (x.size // K, K, N) and template["MT"] >= template["M"]
-    assert grid[0] % threadgroup[0] == 0 and grid[0] >= 32 * N // template["ROWS"] and grid[1] == grid[2] == 1
-    return [x @ w.T]
 
 
 @pytest.fixture
@@ -534,69 +525,6 @@ def test_gradients_through_the_gate_kernel_are_the_ops_gradients(stand_in_gates)
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
 
 
-@pytest.fixture
-def stand_in_matvec(monkeypatch):
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
-    return lambda wrong=False: install_stand_in(monkeypatch, "matvec", matvec, matvec_outputs, wrong)
-
-
-def bf16_linear(K=48, N=40, bias=False):
-    layer = large.Linear(K, N, bias=bias)
-    layer.set_dtype(mx.bfloat16)
-    return layer
-
-
-@pytest.mark.parametrize("rows", [(1, 1), (4, 1), (2, 8), (16,)])
-def test_projections_of_a_few_tokens_run_in_the_matvec_kernel(stand_in_matvec, rows):
-    """Decode steps (B rows of one token), verify calls (T tokens), batch 16."""
-    kernel = stand_in_matvec()
-    layer = bf16_linear()
-    x = mx.random.normal((*rows, 48)).astype(mx.bfloat16)
-    got = layer(x)
-    assert kernel.calls >= 2 and kernels._verified["matvec"] is True
-    assert got.shape == (*rows, 40) and mx.array_equal(got, x @ layer.weight.T).item()
-
-
-def test_matvec_takes_the_ops_path_where_it_does_not_apply(stand_in_matvec, monkeypatch):
-    kernel = stand_in_matvec()
-    x = mx.random.normal((1, 48)).astype(mx.bfloat16)
-    bf16_linear()(mx.random.normal((matvec.MAX_TOKENS + 1, 48)).astype(mx.bfloat16))  # a prompt: a GEMM
-    bf16_linear(bias=True)(x)  # a bias: addmm
-    large.Linear(48, 40, bias=False)(x.astype(mx.float32))  # fp32 weights and tokens
-    bf16_linear()(x.astype(mx.float16))  # tokens of another dtype than the weight
-    model_like = nn.Sequential(bf16_linear(K=64))
-    nn.quantize(model_like, group_size=32, bits=4)
-    assert isinstance(model_like.layers[0], nn.QuantizedLinear)
-    model_like(mx.random.normal((1, 64)).astype(mx.bfloat16))  # quantized: MLX's quantized matvec
-    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
-    bf16_linear()(x)
-    monkeypatch.delenv("MLX_XLSTM_KERNELS")
-    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # Metal: MLX's own gemv
-    bf16_linear()(x)
-    assert kernel.calls == 0
-
-
-def test_a_wrong_matvec_kernel_warns_and_falls_back(stand_in_matvec):
-    kernel = stand_in_matvec()
-    kernel.outputs = lambda *args: [matvec_outputs(*args)[0] + 1.0]  # bf16 out: not `wrong`'s fp32
-    layer, x = bf16_linear(), mx.random.normal((1, 48)).astype(mx.bfloat16)
-    with pytest.warns(UserWarning, match="matvec kernel is disabled"):
-        got = layer(x)
-    assert mx.array_equal(got, x @ layer.weight.T).item()
-
-
-def test_gradients_through_the_matvec_kernel_are_the_ops_gradients(stand_in_matvec):
-    """LoRA on a decode-sized batch differentiates through it."""
-    stand_in_matvec()
-    layer, x = bf16_linear(), mx.random.normal((2, 48)).astype(mx.bfloat16)
-
-    def grads(fn):
-        return mx.grad(lambda x, w: (fn(x, w).astype(mx.float32) ** 2).sum(), argnums=(0, 1))(x, layer.weight)
-
-    for got, want in zip(grads(kernels.matvec_kernel), grads(lambda x, w: x @ w.T)):
-        assert mx.array_equal(got, want).item()
-
-
 # ---- the CUDA units kernels/cuda.py compiles, through nvcc / NVRTC (where installed) -----
 
 def cuda_source(dtype, Dqk, Dv, body=None):
@@ -626,13 +554,6 @@ def cuda_gates_source(dtype, G, body=None):
     return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G)])[1]
 
 
-def cuda_matvec_source(M, body=None):
-    body = matvec.source(CUDA) if body is None else body
-    kernel = cuda.Kernel(matvec.NAME, matvec.INPUTS, matvec.OUTPUTS, body, runtime=matvec.RUNTIME)
-    MT, rows, loads = matvec.plan(M)
-    return kernel.source([mx.bfloat16] * 2, [mx.bfloat16], [("T", mx.bfloat16), ("MT", MT), ("ROWS", rows), ("U", loads)])[1]
-
-
 def nvcc(source):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cu")
@@ -659,7 +580,7 @@ def _nvrtc():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
     nvrtc = _nvrtc()
-    units = (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512), cuda_gates_source(dtype, 16), cuda_matvec_source(16))
+    units = (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512), cuda_gates_source(dtype, 16))
     for unit in units:
         assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
     broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("= c[j];", "= c_new[j];"))
@@ -682,14 +603,6 @@ def test_cuda_gates_source_compiles(dtype):
     assert result.returncode == 0, result.stderr
     broken = gates.source(CUDA).replace("const float u = ", "const float uu = ")
     assert nvcc(cuda_gates_source(dtype, 16, broken)).returncode != 0
-
-
-@needs_nvcc
-@pytest.mark.parametrize("M", sorted(matvec.PLANS))
-def test_cuda_matvec_source_compiles(M):
-    result = nvcc(cuda_matvec_source(M))
-    assert result.returncode == 0, result.stderr
-    assert nvcc(cuda_matvec_source(M, matvec.source(CUDA).replace("b.w << 16", "b.v << 16"))).returncode != 0
 
 
 @needs_nvcc

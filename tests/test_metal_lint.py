@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, matvec, metal, step
+from mlx_lm_xlstm.kernels import chunk_states, gated_norm, gates, metal, step
 from mlx_lm_xlstm.kernels.spelling import METAL
 
 SHIM = Path(__file__).with_name("metal_shim.h")
@@ -191,24 +191,4 @@ def test_gates_kernel_passes_lint(dtype, G):
 def test_lint_catches_a_broken_gates_kernel():
     body = gates.source(METAL).replace("const float u = ", "const float uu = ")
     result = lint(_gates_source(body, mx.float32, 6))
-    assert result.returncode != 0 and "error" in result.stderr
-
-
-def _matvec_source(body, M):
-    kernel = metal.Kernel(matvec.NAME, matvec.INPUTS, matvec.OUTPUTS, body, runtime=matvec.RUNTIME)
-    call = lambda x, w: [matvec.launch(kernel, x, w, verbose=True)]
-    return generated_metal_source(call, zeros((M, 64), mx.bfloat16), zeros((40, 64), mx.bfloat16))
-
-
-@pytest.mark.parametrize("M", [1, 16])
-def test_matvec_kernel_passes_lint(M):
-    source = _matvec_source(matvec.source(METAL), M)
-    assert "as_type<float>" in source and "device const uint4*" in source
-    result = lint(source)
-    assert result.returncode == 0, result.stderr
-
-
-def test_lint_catches_a_broken_matvec_kernel():
-    body = matvec.source(METAL).replace("uint4 wb[ROWS][U];", "uint4 wb[ROWS];")
-    result = lint(_matvec_source(body, 4))
     assert result.returncode != 0 and "error" in result.stderr

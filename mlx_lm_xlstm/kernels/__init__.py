@@ -1,14 +1,13 @@
-"""Fused kernels for xLSTM models: Metal and CUDA twins of five reference functions.
+"""Fused kernels for the mLSTM layer: Metal and CUDA twins of four reference functions.
 
   - `step.py`: the recurrence of decode steps and other short calls (`mlstm.mlstm_step_ops`),
   - `chunk_states.py`: the chunk-to-chunk recurrence of prefill (`mlstm.chunk_states_ops`);
     the rest of prefill is matmuls and elementwise ops, left to MLX under `mx.compile`,
   - `gated_norm.py`: xLSTM-7b's per-head norm and output gate (`large.gated_head_norm_ops`),
-  - `gates.py`: xLSTM-7b's input and forget gates from the tokens (`large.head_gates_ops`),
-  - `matvec.py`: xLSTM-7b's projections of a few tokens (`large.Linear`; x @ w.T).
+  - `gates.py`: xLSTM-7b's input and forget gates from the tokens (`large.head_gates_ops`).
 `mlstm.mlstm_update` runs `mlstm_step_kernel` / `chunk_states_kernel` where
-`mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`,
-`large.head_gates` and `large.Linear` likewise. A kernel applies when
+`mlstm_step_kernel_applies` / `chunk_states_kernel_applies` say yes; `large.gated_head_norm`
+and `large.head_gates` likewise. A kernel applies when
   - it was built (`gpu.build`: a Metal or CUDA GPU is there) and the default device is the GPU,
   - the shapes and dtypes are ones it takes (fp32 state, fp32/fp16/bf16 inputs),
   - it matched the reference on a small random input the first time it was asked for
@@ -31,19 +30,17 @@ from . import chunk_states as _chunk_states
 from . import cuda as _cuda
 from . import gated_norm as _gated_norm
 from . import gates as _gates
-from . import matvec as _matvec
 from . import step as _step
 
 __all__ = [
     "mlstm_step_kernel", "mlstm_step_kernel_applies", "chunk_states_kernel", "chunk_states_kernel_applies",
     "gated_head_norm_kernel", "gated_head_norm_kernel_applies", "head_gates_kernel", "head_gates_kernel_applies",
-    "matvec_kernel", "matvec_kernel_applies",
 ]
 
 _STATE_DTYPE = mx.float32
 _INPUT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # None: not checked yet; then True/False once the first-use comparison has run.
-_verified = {"step": None, "chunk_states": None, "gated_norm": None, "gates": None, "matvec": None}
+_verified = {"step": None, "chunk_states": None, "gated_norm": None, "gates": None}
 
 
 def _reference():
@@ -270,39 +267,13 @@ def _gates_match_ops() -> bool:
     return True
 
 
-def _random_matvec_inputs(M=3, N=37, K=2056, offset=0):
-    """Tokens and a bf16 weight; N not a whole number of threadgroups' rows, K several rounds
-    of a warp's loads and a part; offset > 0: the tokens a view that many elements into a
-    larger array (misaligned)."""
-    keys = mx.random.split(mx.random.key(11), 2)
-    x = mx.random.normal((M * K + offset,), key=keys[0]).astype(mx.bfloat16)[offset:].reshape(M, K)
-    return x, (mx.random.normal((N, K), key=keys[1]) * K**-0.5).astype(mx.bfloat16)
-
-
-def _matvec_matches_ops() -> bool:
-    """The matvec kernel against x @ w.T in fp32 rounded to bf16 (an ulp apart at most: the
-    sums' order differs), for one token and several, rows of 16 bytes and not, a misaligned
-    view; each token's result the same whatever the call's tokens (batch == one by one)."""
-    for M, K, offset in ((1, 2056, 0), (3, 2056, 0), (16, 2056, 0), (5, 100, 0), (2, 2056, 1)):
-        x, w = _random_matvec_inputs(M=M, K=K, offset=offset)
-        with mx.stream(mx.cpu):
-            want = (x.astype(mx.float32) @ w.astype(mx.float32).T).astype(mx.bfloat16)
-            mx.eval(want)
-        got = _matvec.launch(_matvec.kernel, x, w)
-        if not mx.allclose(got.astype(mx.float32), want.astype(mx.float32), rtol=2**-7, atol=1e-3).item():
-            return False
-        if M > 1 and not mx.array_equal(_matvec.launch(_matvec.kernel, mx.contiguous(x[-1:]), w)[0], got[-1]).item():
-            return False
-    return True
-
-
 _CHECKS = {
     "step": _step_matches_ops, "chunk_states": _chunk_states_match_ops, "gated_norm": _gated_norm_matches_ops,
-    "gates": _gates_match_ops, "matvec": _matvec_matches_ops,
+    "gates": _gates_match_ops,
 }
 
 
-_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm, "gates": _gates, "matvec": _matvec}
+_MODULES = {"step": _step, "chunk_states": _chunk_states, "gated_norm": _gated_norm, "gates": _gates}
 
 
 def _verdict_file(name: str):
@@ -439,27 +410,3 @@ def head_gates_kernel(x, weight, bias, cap: float):
     """The gates by the kernel; arguments and results as `large.head_gates_ops`."""
     i, log_f = _fused_gates(_gates.kernel, float(cap))(x, weight, bias)
     return i, log_f
-
-
-_fused_matvec = _with_ops_vjp(
-    lambda x, w: [_matvec.launch(_matvec.kernel, x, w)],
-    lambda x, w: [x @ w.T],
-)
-
-
-def matvec_kernel_applies(x, weight) -> bool:
-    """On CUDA only: MLX's Metal gemv is tuned per chip, and this one is not measured there."""
-    if _matvec.kernel is None or not mx.cuda.is_available() or not _on_gpu() or weight.ndim != 2 or x.ndim < 1:
-        return False
-    N, K = weight.shape
-    return (
-        x.shape[-1] == K
-        and 0 < x.size // K <= _matvec.MAX_TOKENS
-        and x.dtype == weight.dtype == mx.bfloat16
-        and _kernel_ok("matvec")
-    )
-
-
-def matvec_kernel(x, weight):
-    """x @ weight.T by the kernel (x (..., K), weight (N, K), bf16)."""
-    return _fused_matvec(x, weight)[0]

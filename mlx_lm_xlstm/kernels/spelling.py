@@ -17,10 +17,6 @@ METAL = {
     "SHUFFLE_XOR": "simd_shuffle_xor",
     "SHARED": "threadgroup",
     "BARRIER": "threadgroup_barrier(mem_flags::mem_threadgroup)",
-    "DEVICE": "device",
-    "ADDRESS": "(ulong)",
-    "AS_FLOAT": "as_type<float>",
-    "ZERO4": "uint4(0u)",
     "size_t": "ulong",
 }
 CUDA = {
@@ -38,10 +34,6 @@ CUDA = {
     "SHUFFLE_XOR": "shuffle_xor",  # kernels/cuda.py's PRELUDE: a whole warp's __shfl_xor_sync
     "SHARED": "__shared__",
     "BARRIER": "__syncthreads()",
-    "DEVICE": "",  # one address space
-    "ADDRESS": "(unsigned long long)",
-    "AS_FLOAT": "__uint_as_float",
-    "ZERO4": "make_uint4(0u, 0u, 0u, 0u)",
     # NVRTC compiles without the host's headers: spell the integer types out.
     "uint": "unsigned int",
     "size_t": "unsigned long long",
