@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import bench  # noqa: E402
@@ -49,3 +50,13 @@ def test_the_kernel_ab_compares_the_bodies_at_a_commit_with_the_tree():
     assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree"}  # no body differs
     sides["tree"]["gates"][0].kernel.body += "\n"
     assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree", "tree, gates from HEAD"}
+
+
+@pytest.mark.skipif(mx.cuda.is_available(), reason="on a CUDA GPU it measures (tools/gpu_run.sh hostcost)")
+def test_the_host_cost_tool_says_it_needs_cuda():
+    """tools/bench_host_cost.py measures MLX's CUDA backend: elsewhere it stops with a message."""
+    import subprocess
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_host_cost.py"
+    proc = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "run it on a CUDA GPU" in proc.stderr
