@@ -286,6 +286,20 @@ def decode_tok_s(model, B, steps, mode):
     return B * steps / elapsed, mx.all(mx.isfinite(cache[0][0])).item()
 
 
+def pipelined_greedy(model, cache, y, n):
+    """n greedy tokens after y (B, 1) as mlx-lm's loop runs them: each step evaluated
+    asynchronously while the previous one is awaited. Returns the last tokens and the seconds."""
+    previous, start = None, time.perf_counter()
+    for _ in range(n):
+        y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
+        mx.async_eval(y)
+        if previous is not None:
+            mx.eval(previous)
+        previous = y
+    mx.eval(y)
+    return y, time.perf_counter() - start
+
+
 def matvec_floor_tok_s(model, B):
     """The decode ceiling: one decode's worth of weight traffic (every Linear on B vectors)
     with no recurrence between layers."""

@@ -131,16 +131,9 @@ def model_rows(sides: dict, shape: str, rounds: int, seconds: float) -> dict:
     def decode(side, B, n):
         cache, y = state[B]
         model.decode_step = steps[side]
-        previous, start = None, time.perf_counter()
-        for _ in range(n):
-            y = mx.argmax(model(y, cache=cache)[:, -1], axis=-1)[:, None]
-            mx.async_eval(y)
-            if previous is not None:
-                mx.eval(previous)
-            previous = y
-        mx.eval(y)
+        y, seconds = bench.pipelined_greedy(model, cache, y, n)
         state[B] = (cache, y)
-        return B * n / (time.perf_counter() - start)
+        return B * n / seconds
 
     for side in sides:
         use(side)
