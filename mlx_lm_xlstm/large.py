@@ -292,8 +292,8 @@ class Model(RecurrentModel):
 
     def forward(self, inputs, mask, cache, fresh: bool):
         if fresh and self.args.force_bos_token_insert:
-            return self._logits(*self._insert_bos(inputs, mask), cache)[:, 1:]
-        return self._logits(inputs, mask, cache)
+            return self.in_pieces(self._logits, *self._insert_bos(inputs, mask), cache)[:, 1:]
+        return self.in_pieces(self._logits, inputs, mask, cache)
 
     def _logits(self, inputs, mask, cache):
         h = self.backbone(self.backbone.embeddings(inputs), mask, cache)

@@ -26,7 +26,7 @@ from . import kernels, warm_up
 # Finite rather than -inf: a chunk whose steps are all masked must stay NaN-free.
 MASKED_I = -1e30
 # The shortest piece the chunkwise form runs: shorter prompts are padded up to it.
-MIN_PIECE = 8
+MIN_PIECE = 16
 # Calls of at most this many tokens run in fp32 even for a bf16 model (the chunkwise form
 # in fp32 above STEP_CALL tokens).
 SHORT_CALL = 64
@@ -172,7 +172,7 @@ def mlstm_chunkwise_ops(q, k, v, i, log_f, C, n, m, chunk_size=64, eps=1e-6, sta
 
 
 # The cell is many small elementwise ops around a few matmuls: compiling fuses them into
-# far fewer launches. Traced once per shape: `_pieces` keeps the shapes few.
+# far fewer launches. Traced once per shape: `pieces` keeps the shapes few.
 _compiled_step = mx.compile(mlstm_step_ops)
 _compiled_chunkwise = mx.compile(mlstm_chunkwise_ops)
 _compiled_chunkwise_fused = mx.compile(functools.partial(mlstm_chunkwise_ops, states=kernels.chunk_states_kernel))
@@ -188,27 +188,29 @@ def _chunkwise(q, k, v, i, log_f, state, chunk_size, eps):
     return chunkwise(q, k, v, i, log_f, *state, chunk_size=chunk_size, eps=eps)
 
 
-def _pieces(T: int, chunk_size: int, max_piece: int):
-    """(tokens, padded length) of the pieces a T-token prompt runs in: whole chunks in
-    power-of-two multiples (at most max_piece), then the rest padded with masked steps up to
-    a power of two (at least MIN_PIECE). A compiled function is traced once per shape, so
-    every prompt length reuses the same few traces; pieces of whole chunks keep the chunk
-    boundaries of one pass. A rest of at least 7/8 of the next whole-chunk length runs as one
-    piece padded up to it: mlx-lm's last prefill step of a prompt is 2047 tokens, one
-    2048-token piece rather than six (H200, 7B shape: 64 ms instead of 87)."""
-    pieces, left = [], T
+def pieces(T: int, unit: int, max_piece: int):
+    """(tokens, padded length) of the pieces T tokens run in: whole units in power-of-two
+    multiples (at most max_piece), then the rest padded with masked steps up to a power of
+    two (at least MIN_PIECE, at most a unit). Whatever T, the pieces take a few lengths:
+    the cell's chunkwise form (unit: a chunk) is traced once per shape, and a prompt call
+    (`RecurrentModel.in_pieces`) meets shapes, and on CUDA graphs, it has run before. Pieces of
+    whole chunks keep the chunk boundaries of one pass. A rest of at least 7/8 of the next
+    whole-unit length runs as one piece padded up to it: mlx-lm's last prefill step of a
+    prompt is 2047 tokens, one 2048-token piece rather than six (H200, 7B shape: 64 ms
+    instead of 87)."""
+    out, left = [], T
     while left:
-        if left >= chunk_size:
-            n = padded = min(chunk_size << ((left // chunk_size).bit_length() - 1), max_piece)
+        if left >= unit:
+            n = padded = min(unit << ((left // unit).bit_length() - 1), max_piece)
             longer = min(2 * n, max_piece)
             if n < left < longer and 8 * left >= 7 * longer:
                 n, padded = left, longer
         else:
             n = min(left, max_piece)
-            padded = min(max(MIN_PIECE, 1 << (n - 1).bit_length()), chunk_size)
-        pieces.append((n, padded))
+            padded = min(max(MIN_PIECE, 1 << (n - 1).bit_length()), unit)
+        out.append((n, padded))
         left -= n
-    return pieces
+    return out
 
 
 def _pad_steps(x, n: int, value=0.0):
@@ -273,7 +275,7 @@ def mlstm_update(
         q, k, v = (x.astype(mx.float32) for x in (q, k, v))
 
     hs, start = [], 0
-    for n, padded in _pieces(T, chunk_size, max_piece):
+    for n, padded in pieces(T, chunk_size, max_piece):
         piece = slice(start, start + n)
         args = [q[:, :, piece], k[:, :, piece], v[:, :, piece], i[..., piece], log_f[..., piece]]
         if padded > n:

@@ -3,8 +3,9 @@
 `RecurrentModel.__call__` is mlx-lm's `model(inputs, cache)`: it makes the mask of a
 right-padded batch, checks a cache it did not make, runs a decode step compiled or the
 whole forward, and advances every cache once. A model defines `forward(inputs, mask,
-cache, fresh)`, `layers`, `model` (its pipeline holder) and `recurrent_layers` (the layer of
-each block that keeps a state, with its `cache_slots`).
+cache, fresh)` (which runs its layers through `in_pieces`), `layers`, `model` (its pipeline
+holder) and `recurrent_layers` (the layer of each block that keeps a state, with its
+`cache_slots`).
 """
 
 import copy
@@ -18,8 +19,15 @@ from mlx_lm.models.base import create_ssm_mask
 from mlx_lm.models.cache import ArraysCache
 
 from . import kernels, warm_up
-from .cache import StepInputs, keep_inputs, speculative_call
-from .mlstm import fast_path_enabled
+from .cache import MAX_UNDO_CALL, StepInputs, keep_inputs, speculative_call
+from .mlstm import fast_path_enabled, pieces
+
+# A prompt call runs in pieces of whole multiples of PROMPT_UNIT tokens (at most
+# PROMPT_PIECE) and a rest padded to a power of two (`mlstm.pieces`): below ~256 tokens a
+# 7B forward costs about one read of the weights whatever its length, so a short rest pays
+# little for its padding. mlx-lm's prefill steps are 2048 tokens.
+PROMPT_UNIT = 256
+PROMPT_PIECE = 2048
 
 
 class CompiledDecode:
@@ -120,6 +128,32 @@ class RecurrentModel(nn.Module):
         for c in cache or []:
             c.advance(T)
         return logits
+
+    def in_pieces(self, logits_of, inputs: mx.array, mask: Optional[mx.array], cache: Optional[list]) -> mx.array:
+        """`logits_of(inputs, mask, cache)`, a prompt call longer than MAX_UNDO_CALL tokens
+        run in pieces of a few fixed lengths (`pieces`), each evaluated while the next is built.
+
+        Every prompt length, chat turn and server request has a length of its own; on CUDA
+        a forward of a new length builds new CUDA graphs (cuBLAS picks other kernels for
+        another row count), 1.3-2.5x the time of a length run before (H200, 7B), and
+        MLX's graph cache keys the graph of a run of ops, so the pieces are evaluated
+        apart. Short calls keep one pass: a trim (speculative decoding) replays their
+        kept inputs. Training and evaluation (no cache) keep one pass too."""
+        B, T = inputs.shape[:2]
+        if cache is None or T <= MAX_UNDO_CALL or not self.compiled_decode:
+            return logits_of(inputs, mask, cache)
+        outputs, start = [], 0
+        for n, padded in pieces(T, PROMPT_UNIT, PROMPT_PIECE):
+            if start:
+                mx.async_eval([c.cache for c in cache])
+            x = inputs[:, start : start + n]
+            m = None if mask is None else mask[:, start : start + n]
+            if padded > n:  # masked steps leave every state as it is
+                m = mx.ones((B, n), dtype=mx.bool_) if m is None else m
+                x, m = (mx.pad(y, [(0, 0), (0, padded - n)]) for y in (x, m))
+            outputs.append(logits_of(x, m, cache)[:, :n])
+            start += n
+        return mx.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
     @property
     def compiled_decode(self) -> bool:

@@ -143,3 +143,59 @@ def test_compiled_decode_equals_the_plain_ops_path(monkeypatch):
     monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
     np.testing.assert_allclose(np.array(compiled), np.array(decode(model)), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(np.array(twin_compiled), np.array(decode(twin)), atol=ATOL, rtol=RTOL)
+
+
+def prompt_then_step(model, ids, lengths=None, bos=False):
+    """Logits of a prompt call (a right-padded batch where `lengths` says), then of one step;
+    and the state after them."""
+    model.args.force_bos_token_insert = bos
+    cache = model.make_cache()
+    if lengths is not None:
+        for c in cache:
+            c.prepare(lengths=lengths)
+    prompt = model(ids, cache=cache)
+    for c in cache:
+        c.finalize()
+    step = model(ids[:, :1], cache=cache)
+    return [prompt, step, *(x for c in cache for x in c.cache)]
+
+
+@pytest.mark.parametrize("name", ["single", "fused_bias", "paper_mixed"])
+@pytest.mark.parametrize("T", [65, 100, 161])
+def test_a_prompt_call_in_pieces_equals_one_pass(name, T, monkeypatch):
+    """A prompt call longer than MAX_UNDO_CALL runs in pieces of a few lengths (small ones
+    here: 16-token units, 32-token pieces), the rest padded with masked steps: the logits and
+    every state slot (convolutions included) equal one pass, with BOS inserted in front and
+    in a ragged batch whose short row ends in the first piece."""
+    from mlx_lm_xlstm import recurrent
+
+    monkeypatch.setattr(recurrent, "PROMPT_UNIT", 16)
+    monkeypatch.setattr(recurrent, "PROMPT_PIECE", 32)
+    model = load_fixture(name)
+    ids = mx.array(np.random.default_rng(T).integers(2, model.args.vocab_size, (2, T)))
+    cases = [dict(), dict(lengths=[T, 11])] + ([dict(bos=True)] if name != "paper_mixed" else [])
+    got = [prompt_then_step(model, ids, **case) for case in cases]
+    monkeypatch.setattr(recurrent, "MAX_UNDO_CALL", 1 << 20)  # every call in one pass
+    want = [prompt_then_step(model, ids, **case) for case in cases]
+    for case, got_case, want_case in zip(cases, got, want):
+        # a padded row's logits past its length are nobody's (mlx-lm drops them)
+        valid = np.arange(T)[None, :, None] < np.array(case.get("lengths", [T, T]))[:, None, None]
+        got_case[0], want_case[0] = (np.where(valid, np.array(x), 0.0) for x in (got_case[0], want_case[0]))
+        for a, b in zip(got_case, want_case):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=ATOL, rtol=RTOL)
+
+
+def test_ten_prompt_lengths_run_in_a_few_piece_lengths(monkeypatch):
+    """Every prompt length meets forwards of lengths it has met before (on CUDA: the same
+    CUDA graphs): ten lengths of mlx-lm's prefill steps make at most seven."""
+    model = load_fixture("single")
+    seen = []
+    logits_of = model._logits
+    monkeypatch.setattr(model, "_logits", lambda inputs, mask, cache: seen.append(inputs.shape[1]) or logits_of(inputs, mask, cache))
+    lengths = [1549, 1291, 1033, 775, 516, 310, 2047, 2048, 700, 97]
+    for T in lengths:
+        start = len(seen)
+        model(mx.array(np.random.default_rng(T).integers(2, fixtures.VOCAB, (1, T))), cache=model.make_cache())
+        assert sum(seen[start:]) >= T and len(seen) - start <= 3
+    assert set(seen) <= {16, 32, 64, 128, 256, 512, 1024, 2048} and len(set(seen)) <= 7

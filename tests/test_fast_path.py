@@ -50,7 +50,7 @@ def test_pieces_give_the_one_pass_result(T):
 def test_pieces_are_few_shapes_of_whole_chunks():
     shapes = set()
     for T in range(1, 2000, 7):
-        pieces = mlstm._pieces(T, 64, 1024)
+        pieces = mlstm.pieces(T, 64, 1024)
         assert sum(n for n, _ in pieces) == T
         assert all(padded >= n and (n % 64 == 0 or n == pieces[-1][0]) for n, padded in pieces)
         # padding: below a chunk up to a power of two, above it at most 1/8 of the piece
@@ -58,9 +58,9 @@ def test_pieces_are_few_shapes_of_whole_chunks():
         shapes.update(padded for _, padded in pieces)
     assert shapes <= {8, 16, 32, 64, 128, 256, 512, 1024}
     # mlx-lm's prefill steps: 2048 tokens, then the rest but the last token
-    assert mlstm._pieces(2048, 64, 16384) == [(2048, 2048)] and mlstm._pieces(2047, 64, 16384) == [(2047, 2048)]
-    assert mlstm._pieces(1500, 64, 16384) == [(1024, 1024), (476, 512)]
-    assert mlstm._pieces(1700, 64, 16384) == [(1024, 1024), (512, 512), (128, 128), (36, 64)]
+    assert mlstm.pieces(2048, 64, 16384) == [(2048, 2048)] and mlstm.pieces(2047, 64, 16384) == [(2047, 2048)]
+    assert mlstm.pieces(1500, 64, 16384) == [(1024, 1024), (476, 512)]
+    assert mlstm.pieces(1700, 64, 16384) == [(1024, 1024), (512, 512), (128, 128), (36, 64)]
 
 
 def test_ten_prompt_lengths_trace_the_chunkwise_form_a_few_times(monkeypatch):

@@ -85,16 +85,17 @@ class CausalConv1d(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(dims, dims, kernel_size, groups=dims, bias=True)
 
-    def __call__(self, x, state=None, lengths=None):
+    def __call__(self, x, state=None, mask=None):
         """x: (B, T, D), masked steps already zeroed; state: (B, K-1, D) or None (zeros);
-        lengths: valid steps per row when right-padded. Returns (y, state after the valid steps)."""
+        mask: (B, T) or None. Returns (y, the state after each row's last valid step):
+        masked steps after it (a batch's shorter prompt, a prompt piece's padding) leave it."""
         B, T, D = x.shape
         keep = self.kernel_size - 1
         if state is None:
             state = mx.zeros((B, keep, D), dtype=x.dtype)
         padded = mx.concatenate([state, x], axis=1)
-        if lengths is not None:
-            ends = mx.clip(lengths, 0, T)
+        if mask is not None:
+            ends = mx.where(mask.any(axis=1), T - mx.argmax(mask[:, ::-1].astype(mx.int32), axis=1), 0)
             new_state = mx.take_along_axis(padded, (ends[:, None] + mx.arange(keep))[..., None], axis=1)
         else:
             new_state = padded[:, T:]

@@ -82,8 +82,7 @@ class mLSTMLayer(nn.Module):
     def __call__(self, x, mask=None, cache=None):
         x_mlstm, z = mx.split(self.proj_up(x), [self.inner_dim], axis=-1)
         conv_in = x_mlstm if mask is None else mx.where(mask[..., None], x_mlstm, 0)
-        lengths = cache.lengths if cache is not None else None
-        x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
+        x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), mask)
         x_conv = silu(x_conv)
         q, k, v = self.q_proj(x_conv), self.k_proj(x_conv), self.v_proj(x_mlstm)
         self.cache_slots.keep(cache, conv_in=conv_in, q=q, k=k, v=v, mask=mask)
@@ -95,7 +94,7 @@ class mLSTMLayer(nn.Module):
     def replay(self, cache, conv_in, q, k, v, mask=None):
         """The convolution's and the cell's state after these kept inputs, from those in
         `cache` (a trim re-runs the tokens it keeps)."""
-        _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"))
+        _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), mask)
         _, (C, n, m) = self.mlstm_cell(q, k, v, mask, self.cache_slots.read(cache, "C", "n", "m"))
         self.cache_slots.write(cache, conv=conv_state, C=C, n=n, m=m)
 

@@ -213,6 +213,9 @@ class Model(RecurrentModel):
             self.lm_head.weight = small_init((V, D), D)
 
     def forward(self, inputs, mask, cache, fresh: bool):
+        return self.in_pieces(self._logits, inputs, mask, cache)
+
+    def _logits(self, inputs, mask, cache):
         x = self.emb_dropout(self.token_embedding(inputs))
         x = self.xlstm_block_stack(x, mask, cache)
         if self.args.tie_weights:

@@ -126,8 +126,7 @@ class sLSTMLayer(nn.Module):
         x_conv, conv_in = x, None
         if "conv1d" in self:
             conv_in = x if mask is None else mx.where(mask[..., None], x, 0)
-            lengths = cache.lengths if cache is not None else None
-            x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), lengths)
+            x_conv, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), mask)
             x_conv = silu(x_conv)
             self.cache_slots.write(cache, conv=conv_state)
 
@@ -144,7 +143,7 @@ class sLSTMLayer(nn.Module):
         """The convolution's and the cell's state after these kept inputs, from those in
         `cache` (a trim re-runs the tokens it keeps)."""
         if conv_in is not None:
-            _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"))
+            _, conv_state = self.conv1d(conv_in, self.cache_slots.read(cache, "conv"), mask)
             self.cache_slots.write(cache, conv=conv_state)
         _, (y, c, n, m) = self.slstm_cell(wx, mask, self.cache_slots.read(cache, "y", "c", "n", "m"))
         self.cache_slots.write(cache, y=y, c=c, n=n, m=m)
