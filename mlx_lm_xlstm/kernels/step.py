@@ -33,6 +33,7 @@ from .spelling import spell
 ROWS = 16  # row slices of C per threadgroup: threadgroup = 32 x ROWS threads
 
 # Shared by both backends: only the spellings differ (spelling.py).
+# MLX's CUDA backend hashes the whole binary at every launch (~0.5 us a KB): loops whose unrolling only adds code stay rolled.
 _BODY = """
     const uint bh = GID_Z;
     const uint b = bh / NH;
@@ -41,9 +42,11 @@ _BODY = """
     const uint y = TID_Y;
     const uint tid = y * 32 + x;
     const uint d = GID_X;
-    const bool live = d < DV;
+    const bool live = DV % 32 == 0 || d < DV;  // columns come in whole warps
     const float scale = RSQRT(float(DQK));
     constexpr uint PER_THREAD = (DQK + ROWS - 1) / ROWS;
+    constexpr bool ALL_ROWS = DQK % ROWS == 0;  // y < ROWS: every row y + j * ROWS is < DQK
+    constexpr uint SPAN = (DQK + 32 * ROWS - 1) / (32 * ROWS);  // rows a thread stages: a = tid + s * 32 * ROWS
 
     SHARED float k_s[DQK];
     SHARED float q_s[DQK];
@@ -55,10 +58,14 @@ _BODY = """
     #pragma unroll
     for (uint j = 0; j < PER_THREAD; ++j) {
         const uint a = y + j * ROWS;
-        c[j] = (live && a < DQK) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
+        c[j] = (live && (ALL_ROWS || a < DQK)) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
     }
-    for (uint a = tid; a < DQK; a += 32 * ROWS) {
-        n_s[a] = n[bh * DQK + a];
+    #pragma unroll
+    for (uint s = 0; s < SPAN; ++s) {
+        const uint a = tid + s * 32 * ROWS;
+        if (a < DQK) {
+            n_s[a] = n[bh * DQK + a];
+        }
     }
     float m_run = m[bh];
 
@@ -72,11 +79,15 @@ _BODY = """
         const float m_new = MAX(lf + m_run, ig);
         const float f_act = EXP(lf + m_run - m_new);
         const float i_act = EXP(ig - m_new);
-        for (uint a = tid; a < DQK; a += 32 * ROWS) {
-            const float k_a = i_act * float(k[k_at + a]);
-            k_s[a] = k_a;
-            q_s[a] = scale * float(q[q_at + a]);
-            n_s[a] = f_act * n_s[a] + k_a;
+        #pragma unroll
+        for (uint s = 0; s < SPAN; ++s) {
+            const uint a = tid + s * 32 * ROWS;
+            if (a < DQK) {
+                const float k_a = i_act * float(k[k_at + a]);
+                k_s[a] = k_a;
+                q_s[a] = scale * float(q[q_at + a]);
+                n_s[a] = f_act * n_s[a] + k_a;
+            }
         }
         BARRIER;
         const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
@@ -85,7 +96,7 @@ _BODY = """
         #pragma unroll
         for (uint j = 0; j < PER_THREAD; ++j) {
             const uint a = y + j * ROWS;
-            if (a < DQK) {
+            if (ALL_ROWS || a < DQK) {
                 c[j] = f_act * c[j] + k_s[a] * v_d;
                 num += q_s[a] * c[j];
                 if (x == 0) {
@@ -101,6 +112,7 @@ _BODY = """
         if (y == 0 && live) {
             float total = 0.0f;
             float q_n = 0.0f;
+            #pragma unroll 4
             for (uint r = 0; r < ROWS; ++r) {
                 total += num_part[r][x];
                 q_n += den_part[r];
@@ -114,13 +126,17 @@ _BODY = """
     #pragma unroll
     for (uint j = 0; j < PER_THREAD; ++j) {
         const uint a = y + j * ROWS;
-        if (live && a < DQK) {
+        if (live && (ALL_ROWS || a < DQK)) {
             C_out[((size_t)bh * DQK + a) * DV + d] = c[j];
         }
     }
     if (d < 32) {  // the threadgroup of columns 0-31
-        for (uint a = tid; a < DQK; a += 32 * ROWS) {
-            n_out[bh * DQK + a] = n_s[a];
+        #pragma unroll
+        for (uint s = 0; s < SPAN; ++s) {
+            const uint a = tid + s * 32 * ROWS;
+            if (a < DQK) {
+                n_out[bh * DQK + a] = n_s[a];
+            }
         }
         if (tid == 0) {
             m_out[bh] = m_run;
