@@ -19,13 +19,30 @@ import mlx.core as mx
 from . import gpu
 from .spelling import spell
 
+# MLX's CUDA backend hashes the whole binary at every launch (~0.5 us a KB): loops whose unrolling only adds code stay rolled.
 _BODY = """
     const uint row = TID_X / 32;
     const uint lane = TID_X % 32;
     const uint token = GID_X / (32 * G);
+    const size_t x_row = (size_t)token * K;
+    const size_t w_row = (size_t)row * K;
     float s = 0.0f;
-    for (uint k = lane; k < K; k += 32) {
-        s += float(x[(size_t)token * K + k]) * float(w[(size_t)row * K + k]);
+    uint k = lane;
+    // four products a pass (their eight loads in flight together), summed in k order
+    #pragma unroll 1
+    for (; k + 96 < K; k += 128) {
+        const float x0 = float(x[x_row + k]), x1 = float(x[x_row + k + 32]);
+        const float x2 = float(x[x_row + k + 64]), x3 = float(x[x_row + k + 96]);
+        const float w0 = float(w[w_row + k]), w1 = float(w[w_row + k + 32]);
+        const float w2 = float(w[w_row + k + 64]), w3 = float(w[w_row + k + 96]);
+        s += x0 * w0;
+        s += x1 * w1;
+        s += x2 * w2;
+        s += x3 * w3;
+    }
+    #pragma unroll 1
+    for (; k < K; k += 32) {
+        s += float(x[x_row + k]) * float(w[w_row + k]);
     }
     for (uint lanes = 16; lanes > 0; lanes /= 2) {
         s += SHUFFLE_XOR(s, lanes);
