@@ -81,7 +81,8 @@ class UndoableCache(ArraysCache):
     tokens (or a 2-token call and k-1 single ones), then trims each by what was rejected.
     A recurrent state cannot be cut back, so the cache keeps the state before the window
     (the tokens fed since the last trim) and each call's recurrence inputs (mLSTM: q, k, v
-    and gates; sLSTM: its gates' input part; convolutions: their inputs). `trim(n)` runs the
+    and gates, xLSTM-7b's q, k, v in its fused projection's output; sLSTM: its gates' input
+    part; convolutions: their inputs). `trim(n)` runs the
     layer's recurrence on all but the last n of them from that state (no projections) and
     closes the window. Arrays are immutable: keeping the earlier state costs memory, no copy.
 

@@ -85,13 +85,14 @@ class BlockPipeline(PipelineMixin):
         super().pipeline(group, split)
         self.pipeline_group = group
 
-    def run_blocks(self, x, mask, cache):
-        """This rank's blocks on the hidden states, between the hand-overs of the pipeline."""
+    def run_blocks(self, x, mask, cache, **kwargs):
+        """This rank's blocks on the hidden states, between the hand-overs of the pipeline;
+        `kwargs` go to every block."""
         blocks = self.pipeline_layers
         cache = cache or [None] * len(blocks)
         x = self._receive_stage_input(x)
         for block, c in zip(blocks, cache):
-            x = block(x, mask, c)
+            x = block(x, mask, c, **kwargs)
         return self._pass_stage_output(x, cache)
 
     def _receive_stage_input(self, x):

@@ -191,24 +191,28 @@ class mLSTMLayer(nn.Module):
         self.out_proj = nn.Linear(args.v_dim, D, bias=bias)
 
     def __call__(self, x, shape, mask=None, cache=None):
-        """x: (B * T, D), the tokens of a (B, T) batch as rows (`mLSTMBlock`); returns the same."""
+        """x: (B * T, D), the tokens of a (B, T) batch as rows (`xLSTMBackbone`); returns the same."""
         B, T = shape
-        heads = lambda y: y.reshape(B, T, self.num_heads, -1)
         qkvo = self.qkvo_proj(x)
-        q, k, v, _ = mx.split(qkvo, self.splits, axis=-1)
-        q, k, v = heads(q), heads(k), heads(v)
         gates = self.if_gate_preact
         i, log_f = head_gates(x.reshape(B, T, -1), gates.weight, gates.bias, self.gate_soft_cap)
-        self.cache_slots.keep(cache, q=q, k=k, v=v, i=i, log_f=log_f, mask=mask)
-        h = self.replay(cache, q, k, v, i, log_f, mask, packed=(qkvo, (0, *self.splits[:2])))
+        # The undo window keeps qkvo whole: q, k and v apart would be four more ops of
+        # every decode step (a split and three reshapes), which the step kernel does not read.
+        self.cache_slots.keep(cache, qkvo=qkvo.reshape(B, T, -1), i=i, log_f=log_f, mask=mask)
+        h = self.replay(cache, qkvo, i, log_f, mask)
         return self.out_proj(self.multihead_norm(h, qkvo, self.splits[2]))
 
-    def replay(self, cache, q, k, v, i, log_f, mask=None, packed=None):
+    def replay(self, cache, qkvo, i, log_f, mask=None):
         """The cell on these inputs from the state in `cache`, which it updates; a trim
-        re-runs it on the tokens it keeps. packed: q, k, v as columns of qkvo (`mlstm_update`)."""
+        re-runs it on the tokens it keeps. qkvo: the fused projection's output, (B * T, E)
+        rows or (B, T, E); i, log_f: (B, T, H). The step kernel reads q, k and v in qkvo."""
+        B, T = i.shape[:2]
+        qkvo = qkvo.reshape(B * T, -1)
+        heads = lambda y: y.reshape(B, T, self.num_heads, -1)
+        q, k, v, _ = mx.split(qkvo, self.splits, axis=-1)
         h, (C, n, m) = mlstm_update(
-            q, k, v, i, log_f, self.cache_slots.read(cache, "C", "n", "m"), mask,
-            chunk_size=self.chunk_size, max_piece=self.max_piece, eps=self.eps, packed=packed,
+            heads(q), heads(k), heads(v), i, log_f, self.cache_slots.read(cache, "C", "n", "m"), mask,
+            chunk_size=self.chunk_size, max_piece=self.max_piece, eps=self.eps, packed=(qkvo, (0, *self.splits[:2])),
         )
         self.cache_slots.write(cache, C=C, n=n, m=m)
         return h
@@ -257,15 +261,10 @@ class mLSTMBlock(nn.Module):
         self.norm_ffn = RMSNorm(args.hidden_size, args.norm_eps, args.use_bias)
         self.ffn = FeedForward(args)
 
-    def __call__(self, x, mask=None, cache=None):
-        # Tokens as rows inside the block: a matmul of a 3-D input is a flatten, the matmul
-        # and an unflatten, and MLX encodes a decode step op by op on the host (H200, 7B
-        # shape: 39 ops a layer, 4.8 ms of host time a step at batch 1, the GPU's 5).
-        B, T, D = x.shape
-        x = x.reshape(B * T, D)
-        x = x + self.mlstm_layer(self.norm_mlstm(x), (B, T), mask, cache)
-        x = x + self.ffn(self.norm_ffn(x))
-        return x.reshape(B, T, D)
+    def __call__(self, x, mask=None, cache=None, shape=None):
+        """x: (B * T, D), the tokens of a (B, T) batch (`shape`) as rows."""
+        x = x + self.mlstm_layer(self.norm_mlstm(x), shape, mask, cache)
+        return x + self.ffn(self.norm_ffn(x))
 
 
 class xLSTMBackbone(BlockPipeline, nn.Module):
@@ -277,8 +276,14 @@ class xLSTMBackbone(BlockPipeline, nn.Module):
             self.out_norm = RMSNorm(args.hidden_size, args.norm_eps, False)
 
     def __call__(self, x, mask=None, cache=None):
-        x = self.run_blocks(x, mask, cache)
-        return self.out_norm(x) if "out_norm" in self else x
+        # Tokens as rows through every block: a matmul of a 3-D input is a flatten, the
+        # matmul and an unflatten, and the host builds and encodes a decode step op by op
+        # (H200, 7B shape: ~2.4 us to build and ~4.5 to encode an op; 39 ops a layer, 4.8 ms
+        # a step at batch 1 where the GPU took 5, before rows).
+        B, T, D = x.shape
+        x = self.run_blocks(x.reshape(B * T, D), mask, cache, shape=(B, T))
+        x = self.out_norm(x) if "out_norm" in self else x
+        return x.reshape(B, T, D)
 
 
 class Model(RecurrentModel):

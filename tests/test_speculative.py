@@ -313,7 +313,7 @@ def test_window_memory_is_one_state_and_the_kept_inputs(demo):
     plain = sum(x.nbytes for x in slots(cache))
     model(mx.array([[2, 9, 4]]), cache=cache)  # a verify call of 3 tokens
     a = model.args
-    per_token = 4 * (2 * a.qk_dim + a.v_dim + 2 * a.num_heads) * len(model.layers)  # fp32 q, k, v, i, f
+    per_token = 4 * (2 * a.qk_dim + 2 * a.v_dim + 2 * a.num_heads) * len(model.layers)  # fp32 qkvo, i, f
     assert sum(c.nbytes for c in cache) == 2 * plain + 3 * per_token
     trim_prompt_cache(cache, 1)
     assert sum(c.nbytes for c in cache) == plain
