@@ -116,11 +116,14 @@ def head_gates_ops(x, weight, bias, cap: float):
     return i, log_sigmoid(f)
 
 
-def head_gates(x, weight, bias, cap: float):
-    """`head_gates_ops` by the fused kernel where it applies (one launch for four)."""
+def head_gates(x, weight, bias, cap: float, lead=None):
+    """`head_gates_ops` by the fused kernel where it applies (one launch for four). lead:
+    the results' leading shape, (B, T) for a batch's tokens as rows x (B * T, D): the
+    kernel writes them in it, where a reshape would be one more op of every decode step."""
     if fast_path_enabled() and kernels.head_gates_kernel_applies(x, weight, bias):
-        return kernels.head_gates_kernel(x, weight, bias, cap)
-    return head_gates_ops(x, weight, bias, cap)
+        return kernels.head_gates_kernel(x, weight, bias, cap, lead)
+    i, log_f = head_gates_ops(x, weight, bias, cap)
+    return (i, log_f) if lead is None else (i.reshape(*lead, -1), log_f.reshape(*lead, -1))
 
 
 class RMSNorm(nn.Module):
@@ -195,7 +198,7 @@ class mLSTMLayer(nn.Module):
         B, T = shape
         qkvo = self.qkvo_proj(x)
         gates = self.if_gate_preact
-        i, log_f = head_gates(x.reshape(B, T, -1), gates.weight, gates.bias, self.gate_soft_cap)
+        i, log_f = head_gates(x, gates.weight, gates.bias, self.gate_soft_cap, lead=shape)
         # The undo window keeps qkvo whole: q, k and v apart would be four more ops of
         # every decode step (a split and three reshapes), which the step kernel does not read.
         self.cache_slots.keep(cache, qkvo=qkvo.reshape(B, T, -1), i=i, log_f=log_f, mask=mask)

@@ -103,7 +103,8 @@ class StandInKernel:
 
     def __call__(self, inputs, template, grid, threadgroup, output_shapes, output_dtypes, verbose):
         self.calls += 1
-        out = self.outputs(inputs, dict(template), grid, threadgroup)
+        # a kernel writes its outputs in the shapes it is given
+        out = [o.reshape(shape) for o, shape in zip(self.outputs(inputs, dict(template), grid, threadgroup), output_shapes)]
         if self.wrong:
             j = output_dtypes.index(mx.float32)
             out[j] = out[j] + 1.0
@@ -469,7 +470,7 @@ def random_gates(shape, G, K, dtype, key=17):
 
 
 @pytest.mark.parametrize("weight_dtype", [mx.float32, mx.bfloat16])  # a folder may hold bf16 gates
-def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates, weight_dtype):
+def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates, weight_dtype, monkeypatch):
     kernel = stand_in_gates()
     x, weight, bias = random_gates((2, 3), 8, 40, mx.bfloat16)
     weight, bias = weight.astype(weight_dtype), bias.astype(weight_dtype)
@@ -477,6 +478,14 @@ def test_the_layer_takes_its_gates_from_the_gate_kernel(stand_in_gates, weight_d
     assert kernel.calls >= 2 and kernels._verified["gates"] is True
     assert [(g.shape, g.dtype) for g in got] == [((2, 3, 4), mx.float32)] * 2
     assert_close(got, large.head_gates_ops(x, weight, bias, 15.0), 1e-6, 1e-6)
+    # the layer's tokens as rows, the gates in the batch's (B, T) shape, by the kernel and the ops
+    calls = kernel.calls
+    rows = large.head_gates(x.reshape(6, 40), weight, bias, 15.0, lead=(2, 3))
+    assert kernel.calls > calls
+    monkeypatch.setenv("MLX_XLSTM_KERNELS", "0")
+    rows_by_ops = large.head_gates(x.reshape(6, 40), weight, bias, 15.0, lead=(2, 3))
+    assert_close(rows, got, 0, 0)
+    assert_close(rows_by_ops, got, 1e-6, 1e-6)
 
 
 def test_the_gates_ops_are_the_models_gate_functions():
@@ -522,6 +531,9 @@ def test_gradients_through_the_gate_kernel_are_the_ops_gradients(stand_in_gates)
         return mx.grad(f, argnums=(0, 1, 2))(x, weight, bias)
 
     for got, want in zip(grads(large.head_gates), grads(large.head_gates_ops)):
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+    as_rows = lambda x, *args: large.head_gates(x.reshape(4, 16), *args, lead=(2, 2))
+    for got, want in zip(grads(as_rows), grads(large.head_gates_ops)):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
 
 

@@ -80,17 +80,19 @@ MAX_ROWS = 32
 BUILT = kernel = gpu.build(NAME, INPUTS, OUTPUTS, source, RUNTIME)
 
 
-def launch(kernel, x, weight, bias, cap, verbose=False):
+def launch(kernel, x, weight, bias, cap, lead=None, verbose=False):
     """Run `kernel` (built from this module's source); arguments and results as
-    `mlx_lm_xlstm.large.head_gates_ops`: x (..., K); returns i, log_f (..., G / 2) fp32."""
+    `mlx_lm_xlstm.large.head_gates_ops`: x (..., K); returns i, log_f (*lead, G / 2) fp32,
+    lead x.shape[:-1] unless given (as many tokens)."""
     G, K = weight.shape
     tokens = x.size // K
+    lead = x.shape[:-1] if lead is None else tuple(lead)
     i, log_f = kernel(
         inputs=[x, weight, bias, mx.array([cap], mx.float32)],
         template=[("G", G), ("K", K)],
         grid=(32 * G * tokens, 1, 1),
         threadgroup=(32 * G, 1, 1),
-        output_shapes=[(*x.shape[:-1], G // 2)] * 2,
+        output_shapes=[(*lead, G // 2)] * 2,
         output_dtypes=[mx.float32] * 2,
         verbose=verbose,
     )
