@@ -188,10 +188,10 @@ def _chunkwise(q, k, v, i, log_f, state, chunk_size, eps):
     return chunkwise(q, k, v, i, log_f, *state, chunk_size=chunk_size, eps=eps)
 
 
-def pieces(T: int, unit: int, max_piece: int):
+def pieces(T: int, unit: int, max_piece: int, shortest: int = MIN_PIECE):
     """(tokens, padded length) of the pieces T tokens run in: whole units in power-of-two
     multiples (at most max_piece), then the rest padded with masked steps up to a power of
-    two (at least MIN_PIECE, at most a unit). Whatever T, the pieces take a few lengths:
+    two (at least `shortest`, at most a unit). Whatever T, the pieces take a few lengths:
     the cell's chunkwise form (unit: a chunk) is traced once per shape, and a prompt call
     (`RecurrentModel.in_pieces`) meets shapes, and on CUDA graphs, it has run before. Pieces of
     whole chunks keep the chunk boundaries of one pass. A rest of at least 7/8 of the next
@@ -207,7 +207,7 @@ def pieces(T: int, unit: int, max_piece: int):
                 n, padded = left, longer
         else:
             n = min(left, max_piece)
-            padded = min(max(MIN_PIECE, 1 << (n - 1).bit_length()), unit)
+            padded = min(max(shortest, 1 << (n - 1).bit_length()), unit)
         out.append((n, padded))
         left -= n
     return out

@@ -23,11 +23,15 @@ from .cache import MAX_UNDO_CALL, StepInputs, keep_inputs, speculative_call
 from .mlstm import fast_path_enabled, pieces
 
 # A prompt call runs in pieces of whole multiples of PROMPT_UNIT tokens (at most
-# PROMPT_PIECE) and a rest padded to a power of two (`mlstm.pieces`): below ~256 tokens a
-# 7B forward costs about one read of the weights whatever its length, so a short rest pays
-# little for its padding. mlx-lm's prefill steps are 2048 tokens.
+# PROMPT_PIECE) and a rest padded to a power of two of at least PROMPT_SHORTEST tokens
+# (`mlstm.pieces`): below ~256 tokens a 7B forward costs about one read of the weights
+# whatever its length, so a short rest pays little for its padding, and a piece longer than
+# mlstm.SHORT_CALL runs the cell as one pass of the prompt does (bf16 matmuls; H200: a
+# 32-token piece's fp32 cell first compiled its own kernels, 19 s). mlx-lm's prefill steps
+# are 2048 tokens.
 PROMPT_UNIT = 256
 PROMPT_PIECE = 2048
+PROMPT_SHORTEST = 128
 
 
 class CompiledDecode:
@@ -143,7 +147,7 @@ class RecurrentModel(nn.Module):
         if cache is None or T <= MAX_UNDO_CALL or not self.compiled_decode:
             return logits_of(inputs, mask, cache)
         outputs, start = [], 0
-        for n, padded in pieces(T, PROMPT_UNIT, PROMPT_PIECE):
+        for n, padded in pieces(T, PROMPT_UNIT, PROMPT_PIECE, PROMPT_SHORTEST):
             if start:
                 mx.async_eval([c.cache for c in cache])
             x = inputs[:, start : start + n]
