@@ -14,7 +14,7 @@ from . import kernels
 from .cache import StateSlots
 from .checkpoint import check_weights, fuse_projections, hf_name, mlx_name, report_unquantized
 from .distributed import BlockPipeline, check_split_inputs
-from .mlstm import GateProjection, fast_path_enabled, log_sigmoid, mlstm_update
+from .mlstm import GateProjection, fast_path_enabled, log_sigmoid, mlstm_update, zero_state
 from .recurrent import RecurrentModel
 
 
@@ -179,6 +179,7 @@ class mLSTMLayer(nn.Module):
         super().__init__()
         D, H, bias = args.hidden_size, args.num_heads, args.use_bias
         self.num_heads = H
+        self.head_dims = (args.qk_dim // H, args.v_dim // H)
         self.chunk_size = args.chunk_size
         self.max_piece = args.max_inference_chunksize
         self.gate_soft_cap = args.gate_soft_cap
@@ -219,6 +220,10 @@ class mLSTMLayer(nn.Module):
         )
         self.cache_slots.write(cache, C=C, n=n, m=m)
         return h
+
+    def zero_state(self, batch_size: int) -> dict:
+        """The slots' values before the first token."""
+        return dict(zip(("C", "n", "m"), zero_state(batch_size, self.num_heads, *self.head_dims)))
 
     def shard(self, group: mx.distributed.Group):
         """Tensor parallel: this rank's heads (their q, k, v, output-gate, input- and

@@ -218,6 +218,11 @@ def _pad_steps(x, n: int, value=0.0):
     return mx.pad(x, [(0, 0), (0, 0), (0, n)] + [(0, 0)] * (x.ndim - 3), constant_values=value)
 
 
+def zero_state(B: int, H: int, Dqk: int, Dv: int):
+    """The state before the first token: (C, n, m) zeros, fp32."""
+    return mx.zeros((B, H, Dqk, Dv), mx.float32), mx.zeros((B, H, Dqk), mx.float32), mx.zeros((B, H), mx.float32)
+
+
 def mlstm_update(
     q: mx.array,
     k: mx.array,
@@ -250,12 +255,7 @@ def mlstm_update(
     """
     B, T, H, Dqk = q.shape
     if state is None:
-        Dv = v.shape[-1]
-        state = (
-            mx.zeros((B, H, Dqk, Dv), mx.float32),
-            mx.zeros((B, H, Dqk), mx.float32),
-            mx.zeros((B, H), mx.float32),
-        )
+        state = zero_state(B, H, Dqk, v.shape[-1])
     log_f = log_f.astype(mx.float32)
     i = i.astype(mx.float32)
     if mask is not None:

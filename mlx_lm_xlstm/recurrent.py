@@ -141,19 +141,25 @@ class RecurrentModel(nn.Module):
         a forward of a new length builds new CUDA graphs (cuBLAS picks other kernels for
         another row count), 1.3-2.5x the time of a length run before (H200, 7B), and
         MLX's graph cache keys the graph of a run of ops, so the pieces are evaluated
-        apart. Short calls keep one pass: a trim (speculative decoding) replays their
-        kept inputs. Training and evaluation (no cache) keep one pass too."""
+        apart, every one with a mask and states in the cache: a piece of a length met
+        before is then the same graph, first or not (zeros made inside the first piece,
+        or a mask left out, would be nodes of its own). A layer's `zero_state(B)`, where it
+        has one, gives those states. Short calls keep one pass: a trim (speculative
+        decoding) replays their kept inputs. Training and evaluation (no cache) keep one
+        pass too."""
         B, T = inputs.shape[:2]
         if cache is None or T <= MAX_UNDO_CALL or not self.compiled_decode:
             return logits_of(inputs, mask, cache)
+        layers = self.recurrent_layers
+        if cache[0].empty() and all(hasattr(layer, "zero_state") for layer in layers):
+            for layer, c in zip(layers, cache):
+                layer.cache_slots.write(c, **layer.zero_state(B))
+        mask = mx.ones((B, T), dtype=mx.bool_) if mask is None else mask
         outputs, start = [], 0
         for n, padded in pieces(T, PROMPT_UNIT, PROMPT_PIECE, PROMPT_SHORTEST):
-            if start:
-                mx.async_eval([c.cache for c in cache])
-            x = inputs[:, start : start + n]
-            m = None if mask is None else mask[:, start : start + n]
+            mx.async_eval([c.cache for c in cache if not c.empty()])
+            x, m = inputs[:, start : start + n], mask[:, start : start + n]
             if padded > n:  # masked steps leave every state as it is
-                m = mx.ones((B, n), dtype=mx.bool_) if m is None else m
                 x, m = (mx.pad(y, [(0, 0), (0, padded - n)]) for y in (x, m))
             outputs.append(logits_of(x, m, cache)[:, :n])
             start += n
