@@ -139,9 +139,9 @@ class RecurrentModel(nn.Module):
 
         Every prompt length, chat turn and server request has a length of its own; on CUDA
         a forward of a new length builds new CUDA graphs (cuBLAS picks other kernels for
-        another row count), 1.3-2.5x the time of a length run before (H200, 7B), and
-        MLX's graph cache keys the graph of a run of ops, so the pieces are evaluated
-        apart, every one with a mask and states in the cache: a piece of a length met
+        another row count), 1.3-2.5x the time of a length run before (H200, 7B; in pieces
+        1.03-1.11x). MLX's graph cache keys the graph of a run of ops, so the pieces are
+        evaluated apart, every one with a mask and states in the cache: a piece of a length met
         before is then the same graph, first or not (zeros made inside the first piece,
         or a mask left out, would be nodes of its own). A layer's `zero_state(B)`, where it
         has one, gives those states. Short calls keep one pass: a trim (speculative
