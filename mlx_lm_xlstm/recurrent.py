@@ -52,6 +52,9 @@ class CompiledDecode:
     def __call__(self, model, inputs: mx.array, mask: Optional[mx.array], cache: list) -> mx.array:
         if self.fn is None:
             self.fn = mx.compile(functools.partial(forward_states, model), inputs=model.state)
+        # Token ids as mlx-lm's samplers give them: a prompt's last token comes as int32, and
+        # a new dtype is a new trace (two traces before a first token, two a batch size).
+        inputs = inputs.astype(mx.uint32)
         states = [c.cache for c in cache]
         with kernels.without_vjp():  # traced for generation, never differentiated
             logits, states, kept = self.fn(inputs, states) if mask is None else self.fn(inputs, states, mask)

@@ -81,6 +81,41 @@ def test_ten_prompt_lengths_trace_the_chunkwise_form_a_few_times(monkeypatch):
     assert len(set(traces)) == len(traces) <= 5
 
 
+@pytest.fixture
+def decode_traces(monkeypatch):
+    """The (batch, tokens) shapes the compiled decode step is traced for (its Python runs
+    only when mx.compile traces it)."""
+    from mlx_lm_xlstm import recurrent
+
+    traces = []
+    forward_states = recurrent.forward_states
+
+    def counted(model, inputs, states, mask=None):
+        traces.append(inputs.shape)
+        return forward_states(model, inputs, states, mask)
+
+    monkeypatch.setattr(recurrent, "forward_states", counted)
+    monkeypatch.delenv("MLX_XLSTM_KERNELS", raising=False)
+    return traces
+
+
+def test_the_decode_step_is_traced_once_per_batch_size(decode_traces, model_folder):
+    """mlx-lm's BatchGenerator shrinks the batch as requests finish: one trace for each size
+    it reaches, none on a second call; one sequence, one trace (the prompt's last token comes
+    as int32, sampled ones as uint32: the step takes both as one dtype)."""
+    from mlx_lm import batch_generate, load, stream_generate
+
+    model, tokenizer = load(str(model_folder))
+    prompts = [tokenizer.encode("def f" + "x" * n) for n in (3, 9, 20, 40, 70, 5)]
+    batch_generate(model, tokenizer, prompts, max_tokens=[8, 16, 24, 12, 30, 4])
+    assert decode_traces == [(B, 1) for B in range(6, 0, -1)]
+    batch_generate(model, tokenizer, prompts, max_tokens=[4, 6, 8, 10, 12, 3])
+    assert len(decode_traces) == 6
+    model.decode_step = type(model.decode_step)()
+    list(stream_generate(model, tokenizer, prompts[4], max_tokens=12))
+    assert decode_traces[6:] == [(1, 1)]
+
+
 def test_compiled_decode_on_the_paper_stack_equals_the_plain_path(monkeypatch):
     """Greedy decode of a mixed sLSTM/mLSTM stack, batch of 2 with the mask mlx-lm's
     BatchGenerator keeps (left_padding of zeros): compiled and plain give the same logits."""
