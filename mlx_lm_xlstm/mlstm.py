@@ -192,8 +192,8 @@ def pieces(T: int, unit: int, max_piece: int, shortest: int = MIN_PIECE):
     """(tokens, padded length) of the pieces T tokens run in: whole units in power-of-two
     multiples (at most max_piece), then the rest padded with masked steps up to a power of
     two (at least `shortest`, at most a unit). Whatever T, the pieces take a few lengths:
-    the cell's chunkwise form (unit: a chunk) is traced once per shape, and a prompt call
-    (`RecurrentModel.in_pieces`) meets shapes, and on CUDA graphs, it has run before. Pieces of
+    the cell's chunkwise form (unit: a chunk) is traced once per shape, and a prompt call on
+    CUDA (`RecurrentModel.in_pieces`) meets CUDA graphs it has run before. Pieces of
     whole chunks keep the chunk boundaries of one pass. A rest of at least 7/8 of the next
     whole-unit length runs as one piece padded up to it: mlx-lm's last prefill step of a
     prompt is 2047 tokens, one 2048-token piece rather than six (H200, 7B shape: 64 ms

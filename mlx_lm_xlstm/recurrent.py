@@ -34,6 +34,14 @@ PROMPT_PIECE = 2048
 PROMPT_SHORTEST = 128
 
 
+def prompt_pieces_pay() -> bool:
+    """Where prompt pieces pay: on CUDA, whose graphs MLX builds anew for a new length. On Metal
+    and the CPU a new length costs no more than a repeated one (a trace at most, which the
+    cell's own pieces bound), and a short forward there is bound by compute, not by reading
+    the weights: the padding would cost its tokens."""
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+
+
 class CompiledDecode:
     """A model's decode step as one compiled function of (tokens, states[, mask]).
 
@@ -138,7 +146,8 @@ class RecurrentModel(nn.Module):
 
     def in_pieces(self, logits_of, inputs: mx.array, mask: Optional[mx.array], cache: Optional[list]) -> mx.array:
         """`logits_of(inputs, mask, cache)`, a prompt call longer than MAX_UNDO_CALL tokens
-        run in pieces of a few fixed lengths (`pieces`), each evaluated while the next is built.
+        run in pieces of a few fixed lengths (`pieces`), each evaluated while the next is
+        built, where they pay (`prompt_pieces_pay`).
 
         Every prompt length, chat turn and server request has a length of its own; on CUDA
         a forward of a new length builds new CUDA graphs (cuBLAS picks other kernels for
@@ -151,7 +160,7 @@ class RecurrentModel(nn.Module):
         decoding) replays their kept inputs. Training and evaluation (no cache) keep one
         pass too."""
         B, T = inputs.shape[:2]
-        if cache is None or T <= MAX_UNDO_CALL or not self.compiled_decode:
+        if cache is None or T <= MAX_UNDO_CALL or not self.compiled_decode or not prompt_pieces_pay():
             return logits_of(inputs, mask, cache)
         layers = self.recurrent_layers
         if cache[0].empty() and all(hasattr(layer, "zero_state") for layer in layers):
