@@ -385,10 +385,10 @@ def gated_head_norm_kernel(h, qkvo, weight, bias, o_start, eps=1e-6):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_gates(kernel, cap: float, lead: tuple):
+def _fused_gates(kernel, cap: float):
     return _with_ops_vjp(
-        lambda x, *args: list(_gates.launch(kernel, x, *args, cap, lead or x.shape[:-1])),
-        lambda x, *args: [g.reshape(*(lead or x.shape[:-1]), -1) for g in _large_reference().head_gates_ops(x, *args, cap)],
+        lambda *args: list(_gates.launch(kernel, *args, cap)),
+        lambda *args: list(_large_reference().head_gates_ops(*args, cap)),
     )
 
 
@@ -407,6 +407,10 @@ def head_gates_kernel_applies(x, weight, bias) -> bool:
 
 
 def head_gates_kernel(x, weight, bias, cap: float, lead=None):
-    """The gates by the kernel; arguments and results as `large.head_gates`."""
-    i, log_f = _fused_gates(_gates.kernel, float(cap), tuple(lead or ()))(x, weight, bias)
-    return i, log_f
+    """The gates by the kernel; arguments and results as `large.head_gates`. Undifferentiated
+    (the compiled decode step) the kernel writes them in `lead`; in its VJP wrapper it writes
+    them in x's leading shape and they are reshaped (a wrapper per shape would pile up)."""
+    if lead is not None and not _with_vjp:
+        return _gates.launch(_gates.kernel, x, weight, bias, float(cap), lead)
+    i, log_f = _fused_gates(_gates.kernel, float(cap))(x, weight, bias)
+    return (i, log_f) if lead is None else (i.reshape(*lead, -1), log_f.reshape(*lead, -1))
