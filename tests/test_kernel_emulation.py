@@ -39,6 +39,22 @@ def test_the_step_kernel_at_a_wide_head_matches_the_ops():
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "Dqk, Dv, T",
+    [
+        (40, 40, 17),  # rows that do not fill every thread's last slot; a verify call's 17 tokens
+        (600, 32, 2),  # more slots a thread than lanes: a lane keeps n of two rows
+    ],
+)
+def test_the_step_kernel_matches_the_ops_at_uneven_heads_and_many_tokens(Dqk, Dv, T):
+    """The partial sums' two buffers over many tokens, and the rows of n each lane keeps."""
+    args = kernels._random_step_inputs(B=2, T=T, H=2, Dqk=Dqk, Dv=Dv, dtype=mx.float32)
+    h, state = step.launch(emulated(step), *args, 1e-6)
+    want_h, want_state = ops.mlstm_step_ops(*args)
+    for got, want in zip((h, *state), (want_h, *want_state)):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+
+
 def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
     h, qkvo, weight, bias, o_start = kernels._random_norm_inputs(B=3, T=5, H=2, Dv=128, bias=False)
     got = gated_norm.launch(emulated(gated_norm), h, qkvo, weight, None, o_start, 1e-6)
@@ -55,7 +71,7 @@ def broken(module, before: str, after: str) -> EmulatedKernel:
 @pytest.mark.parametrize(
     "name, before, after",
     [
-        ("step", "num_part[y][x] = num;", "num_part[y][x] = num * (y == 0);"),  # a lost partial sum
+        ("step", "num_part[buf][y][x] = num;", "num_part[buf][y][x] = num * (y == 0);"),  # a lost partial sum
         ("step", "h[at * DV + d] = total", "h[at * DV + d] = q_n"),  # the wrong readout
         ("chunk_states", "m_run = m_next;", ""),  # the stabiliser never moves
         ("gated_norm", "x[j] - mean", "x[j]"),  # not centred

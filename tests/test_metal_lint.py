@@ -97,7 +97,7 @@ def test_packed_step_kernel_passes_lint():
 @pytest.mark.parametrize(
     "breakage",
     [
-        ("num += q_s[a] * c[j];", "num += q_s[a] * c[j]"),  # missing semicolon
+        ("num += q_a * c[j];", "num += q_a * c[j]"),  # missing semicolon
         ("= c[j];", "= c_new[j];"),  # undeclared name
         ("const float v_d = ", "const float* v_d = "),  # type error
         ("metal::exp(-m_new)", "metal::expo(-m_new)"),  # no such built-in

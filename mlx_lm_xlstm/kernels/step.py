@@ -8,16 +8,21 @@ so costs about one step), and writes the new C once.
 
 Work split: a threadgroup of 32 x ROWS threads owns one (sequence, head) and 32 value
 columns; thread (x, y) keeps the rows y, y + ROWS, ... of C for its column (each warp reads
-128 contiguous bytes a row), all loaded before the first update so the loads are in flight
-together. Per token the threadgroup first puts the gated k, the scaled q and the new n of
-its head in threadgroup memory (one thread a row), then every thread updates its part of C
-and its partial readout q·C; the ROWS partials meet in threadgroup memory. Few registers a
-thread (its rows of C only) keep many threadgroups resident: at ROWS = 8 with n and q, k
-in registers too, a thread took 137 registers, one threadgroup fitted an SM, and the kernel
-reached 3.5% (batch 1) and 19% (batch 16) of the H200's memory bandwidth (ncu). On CUDA
-the launch bounds cap a thread at 64 registers (from 72), so that two threadgroups share an
-SM: one computes while the other waits on its loads (7B shape, H200: the batch-16 cell from
-117 to 98 us a layer, batch-16 decode +15-25%, batch 1 level).
+128 contiguous bytes a row). Every load a token needs (its rows of C, k, q, their n, v, the
+gates) is issued before the first use, so they are in flight together, and a token costs
+one barrier: each thread reads k and q of its rows itself (a warp's lanes read the same
+element, one transaction), lane x of a warp keeps n of its warp's row j = x (j the row's
+slot in the thread's rows), the warp sums its q·n by shuffles, and the ROWS partials of
+q·C and q·n meet in threadgroup memory (double-buffered across tokens). Before, the
+threadgroup staged k, q and n in threadgroup memory (one thread a row) behind a barrier and
+read v after it: three barriers a token, and at batch 1 (7B shape, H200, ncu) a call took
+21 us, its warps waiting at barriers 71% of the time (4% of the memory bandwidth).
+Few registers a thread (its rows of C only) keep many threadgroups resident: at ROWS = 8
+with n and q, k in registers too, a thread took 137 registers, one threadgroup fitted an
+SM, and the kernel reached 3.5% (batch 1) and 19% (batch 16) of the H200's memory
+bandwidth (ncu). On CUDA the launch bounds cap a thread at 64 registers (from 72), so that
+two threadgroups share an SM: one computes while the other waits on its loads (7B shape,
+H200: the batch-16 cell from 117 to 98 us a layer, batch-16 decode +15-25%, batch 1 level).
 The threadgroup that owns column 0 writes n and m. Inputs and h are in the model's
 (B, T, H, D) layout (no transposes); q, k and v may be columns of one wider array (a token's
 row Q_STRIDE elements long, q from column Q_OFF, and so on): xLSTM-7b's fused projection,
@@ -40,32 +45,27 @@ _BODY = """
     const uint head = bh % NH;
     const uint x = TID_X;
     const uint y = TID_Y;
-    const uint tid = y * 32 + x;
     const uint d = GID_X;
     const bool live = DV % 32 == 0 || d < DV;  // columns come in whole warps
     const float scale = RSQRT(float(DQK));
     constexpr uint PER_THREAD = (DQK + ROWS - 1) / ROWS;
     constexpr bool ALL_ROWS = DQK % ROWS == 0;  // y < ROWS: every row y + j * ROWS is < DQK
-    constexpr uint SPAN = (DQK + 32 * ROWS - 1) / (32 * ROWS);  // rows a thread stages: a = tid + s * 32 * ROWS
+    constexpr uint OWNED = (PER_THREAD + 31) / 32;  // rows of n lane x keeps: slots j = x, x + 32, ...
 
-    SHARED float k_s[DQK];
-    SHARED float q_s[DQK];
-    SHARED float n_s[DQK];
-    SHARED float num_part[ROWS][32];
-    SHARED float den_part[ROWS];
+    // A token's partial sums, double-buffered: one barrier a token.
+    SHARED float num_part[2][ROWS][32];
+    SHARED float den_part[2][ROWS];
 
     float c[PER_THREAD];
+    float n_own[OWNED];
     #pragma unroll
     for (uint j = 0; j < PER_THREAD; ++j) {
         const uint a = y + j * ROWS;
         c[j] = (live && (ALL_ROWS || a < DQK)) ? C[((size_t)bh * DQK + a) * DV + d] : 0.0f;
     }
-    #pragma unroll
-    for (uint s = 0; s < SPAN; ++s) {
-        const uint a = tid + s * 32 * ROWS;
-        if (a < DQK) {
-            n_s[a] = n[bh * DQK + a];
-        }
+    for (uint o = 0; o < OWNED; ++o) {
+        const uint a = y + (x + 32 * o) * ROWS;
+        n_own[o] = (x + 32 * o < PER_THREAD && a < DQK) ? n[bh * DQK + a] : 0.0f;
     }
     float m_run = m[bh];
 
@@ -76,37 +76,36 @@ _BODY = """
         const size_t k_at = token * K_STRIDE + K_OFF + head * DQK;
         const float lf = log_f[at];
         const float ig = i[at];
+        const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
         const float m_new = MAX(lf + m_run, ig);
         const float f_act = EXP(lf + m_run - m_new);
         const float i_act = EXP(ig - m_new);
-        #pragma unroll
-        for (uint s = 0; s < SPAN; ++s) {
-            const uint a = tid + s * 32 * ROWS;
-            if (a < DQK) {
-                const float k_a = i_act * float(k[k_at + a]);
-                k_s[a] = k_a;
-                q_s[a] = scale * float(q[q_at + a]);
-                n_s[a] = f_act * n_s[a] + k_a;
-            }
-        }
-        BARRIER;
-        const float v_d = live ? float(v[token * V_STRIDE + V_OFF + head * DV + d]) : 0.0f;
         float num = 0.0f;
-        float den = 0.0f;
         #pragma unroll
         for (uint j = 0; j < PER_THREAD; ++j) {
             const uint a = y + j * ROWS;
             if (ALL_ROWS || a < DQK) {
-                c[j] = f_act * c[j] + k_s[a] * v_d;
-                num += q_s[a] * c[j];
-                if (x == 0) {
-                    den += q_s[a] * n_s[a];
-                }
+                const float k_a = i_act * float(k[k_at + a]);
+                const float q_a = scale * float(q[q_at + a]);
+                c[j] = f_act * c[j] + k_a * v_d;
+                num += q_a * c[j];
             }
         }
-        num_part[y][x] = num;
+        float den = 0.0f;
+        for (uint o = 0; o < OWNED; ++o) {
+            const uint a = y + (x + 32 * o) * ROWS;
+            if (x + 32 * o < PER_THREAD && a < DQK) {
+                n_own[o] = f_act * n_own[o] + i_act * float(k[k_at + a]);
+                den += scale * float(q[q_at + a]) * n_own[o];
+            }
+        }
+        for (uint lanes = 16; lanes > 0; lanes /= 2) {
+            den += SHUFFLE_XOR(den, lanes);
+        }
+        const uint buf = t % 2;
+        num_part[buf][y][x] = num;
         if (x == 0) {
-            den_part[y] = den;
+            den_part[buf][y] = den;
         }
         BARRIER;
         if (y == 0 && live) {
@@ -114,12 +113,11 @@ _BODY = """
             float q_n = 0.0f;
             #pragma unroll 4
             for (uint r = 0; r < ROWS; ++r) {
-                total += num_part[r][x];
-                q_n += den_part[r];
+                total += num_part[buf][r][x];
+                q_n += den_part[buf][r];
             }
             h[at * DV + d] = total / (MAX(ABS(q_n), EXP(-m_new)) + eps[0]);
         }
-        BARRIER;
         m_run = m_new;
     }
 
@@ -130,17 +128,14 @@ _BODY = """
             C_out[((size_t)bh * DQK + a) * DV + d] = c[j];
         }
     }
-    if (d < 32) {  // the threadgroup of columns 0-31
-        #pragma unroll
-        for (uint s = 0; s < SPAN; ++s) {
-            const uint a = tid + s * 32 * ROWS;
-            if (a < DQK) {
-                n_out[bh * DQK + a] = n_s[a];
-            }
+    for (uint o = 0; o < OWNED; ++o) {
+        const uint a = y + (x + 32 * o) * ROWS;
+        if (d < 32 && x + 32 * o < PER_THREAD && a < DQK) {  // the threadgroup of columns 0-31
+            n_out[bh * DQK + a] = n_own[o];
         }
-        if (tid == 0) {
-            m_out[bh] = m_run;
-        }
+    }
+    if (d == 0 && y == 0) {
+        m_out[bh] = m_run;
     }
 """
 
