@@ -17,6 +17,8 @@
 #                                   # swapped at a time (bench_kernels.py)
 #   bash tools/gpu_run.sh hostcost  # a fused kernel's host cost a call by its binary's size, and
 #                                   # decode with the binaries padded (bench_host_cost.py)
+#   bash tools/gpu_run.sh hostprofile  # the host's time by op kind (MLX's NVTX ranges) in a
+#                                   # decode step and a prompt call (bench_host_profile.py)
 #   bash tools/gpu_run.sh newlength # after peer (its folders): one process each, new prompt
 #                                   # lengths with MLX's CUDA graphs on and off (is a new
 #                                   # length's extra time graph instantiation?)
@@ -69,10 +71,12 @@ elif [ "$1" = newlength ]; then
   done
 elif [ "$1" = hostcost ]; then
   MLX_XLSTM_WARM_UP=0 timeout $(( $(left) - 5 )) python3 tools/bench_host_cost.py --json "$OUT/host_cost.json" 2>&1 | tee "$OUT/host_cost.log"
+elif [ "$1" = hostprofile ]; then
+  MLX_XLSTM_WARM_UP=0 timeout $(( $(left) - 5 )) python3 tools/bench_host_profile.py --json "$OUT/host_profile.json" 2>&1 | tail -60 | tee "$OUT/host_profile.log"
 elif [ "$1" = harness ]; then
   timeout $(( $(left) - 5 )) python3 tools/bench.py --shape 7b --prefill 8192 --batches 1,16 --steps 48 --quant 4 \
     --peer-json $WORK/peer.json --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
 else
-  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|speculative|harness|startup|kernelab DIR|newlength|hostcost" >&2; exit 2
+  echo "usage: bash tools/gpu_run.sh kernels|peer|steady|speculative|harness|startup|kernelab DIR|newlength|hostcost|hostprofile" >&2; exit 2
 fi
 echo "gpu_run $1 done after $(( $(date +%s) - started )) s"
