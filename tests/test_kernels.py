@@ -132,8 +132,10 @@ def gated_norm_outputs(inputs, template, grid, threadgroup):
 def gates_outputs(inputs, template, grid, threadgroup):
     x, weight, bias, cap = inputs
     G, K = weight.shape
-    assert template["G"] == G and template["K"] == K and threadgroup[0] == 32 * G
-    assert grid[0] == 32 * G * (x.size // K) and grid[1] == grid[2] == 1
+    tokens = x.size // K
+    assert template["G"] == G and template["K"] == K and template["M"] == tokens and threadgroup[0] == 32 * G
+    assert template["TOK"] == (gates.TOKENS_A_GROUP if tokens >= gates.GROUPED_FROM else 1)  # a prompt's groups
+    assert grid[0] == 32 * G * -(-tokens // template["TOK"]) and grid[1] == grid[2] == 1
     return list(large.head_gates_ops(x, weight, bias, cap.item()))
 
 
@@ -563,10 +565,10 @@ def cuda_gated_norm_source(dtype, Dv):
     return kernel.source([mx.float32, dtype, dtype, dtype, mx.float32], [dtype], constants)[1]
 
 
-def cuda_gates_source(dtype, G, body=None):
+def cuda_gates_source(dtype, G, body=None, tokens_a_group=1):
     body = gates.source(CUDA) if body is None else body
     kernel = cuda.Kernel(gates.NAME, gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
-    return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G)])[1]
+    return kernel.source([dtype] + [mx.float32] * 3, [mx.float32] * 2, [("G", G), ("TOK", tokens_a_group)])[1]
 
 
 def nvcc(source):
@@ -595,7 +597,8 @@ def _nvrtc():
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_units_compile_with_nvrtc_without_headers(dtype):
     nvrtc = _nvrtc()
-    units = (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512), cuda_gates_source(dtype, 16))
+    units = (cuda_source(dtype, 256, 512), cuda_chunk_states_source(dtype, 256, 512), cuda_gated_norm_source(dtype, 512), cuda_gates_source(dtype, 16),
+             cuda_gates_source(dtype, 16, tokens_a_group=gates.TOKENS_A_GROUP))
     for unit in units:
         assert len(nvrtc.compile(unit, "unit", "sm_90", binary=True)) > 0
     broken = cuda_source(dtype, 16, 40, step.source(CUDA).replace("= c[j];", "= c_new[j];"))
@@ -614,8 +617,9 @@ def test_cuda_step_source_compiles():
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_cuda_gates_source_compiles(dtype):
-    result = nvcc(cuda_gates_source(dtype, 16))
-    assert result.returncode == 0, result.stderr
+    for tokens_a_group in (1, gates.TOKENS_A_GROUP):  # a short call's and a prompt's
+        result = nvcc(cuda_gates_source(dtype, 16, tokens_a_group=tokens_a_group))
+        assert result.returncode == 0, result.stderr
     broken = gates.source(CUDA).replace("const float u = ", "const float uu = ")
     assert nvcc(cuda_gates_source(dtype, 16, broken)).returncode != 0
 

@@ -253,11 +253,12 @@ def _random_gate_inputs(M=3, G=6, K=72, dtype=mx.float32):
 
 
 def _gates_match_ops() -> bool:
-    """The gate kernel against `large.head_gates_ops` (fp32 and bf16 tokens and weights). The
-    reference runs on the CPU: on CUDA, MLX's fp32 matmuls take TF32 unless MLX_ENABLE_TF32=0,
-    10 bits of mantissa where the kernel sums in fp32."""
-    for x_dtype, w_dtype in ((mx.float32, mx.float32), (mx.bfloat16, mx.bfloat16)):
-        x, weight, bias = _random_gate_inputs(dtype=x_dtype)
+    """The gate kernel against `large.head_gates_ops` (fp32 and bf16 tokens and weights; a
+    short call and a prompt's, whose threadgroups take several tokens, the last group part
+    full). The reference runs on the CPU: on CUDA, MLX's fp32 matmuls take TF32 unless
+    MLX_ENABLE_TF32=0, 10 bits of mantissa where the kernel sums in fp32."""
+    for x_dtype, w_dtype, M in ((mx.float32, mx.float32, 3), (mx.bfloat16, mx.bfloat16, _gates.GROUPED_FROM + 3)):
+        x, weight, bias = _random_gate_inputs(M=M, dtype=x_dtype)
         weight, bias = weight.astype(w_dtype), bias.astype(w_dtype)
         with mx.stream(mx.cpu):
             want = _large_reference().head_gates_ops(x, weight, bias, 15.0)

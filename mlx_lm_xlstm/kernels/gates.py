@@ -7,9 +7,10 @@ log-sigmoid launch (the split between them ends a fused run): four launches a la
 sixteen numbers a token, and a decode step pays for each launch, on the host (MLX encodes
 every op) and on the GPU.
 
-Work split: one threadgroup per token, one simdgroup / warp per gate row (input gates, then
-forget gates: G rows); lane l sums the products at k = l, l + 32, ... in fp32 (exponential
-gates amplify rounding), the lanes meet by shuffles, and lane 0 finishes the row. A folder
+Work split: one threadgroup per token (TOK = TOKENS_A_GROUP tokens in a prompt call), one
+simdgroup / warp per gate row (input gates, then forget gates: G rows); lane l sums the
+products at k = l, l + 32, ... in fp32 (exponential gates amplify rounding), each token's
+in the same order whatever TOK, the lanes meet by shuffles, and lane 0 finishes the row. A folder
 may hold the gate weights in bf16 (mlx_lm.convert keeps them fp32): they are read as fp32,
 as the ops path casts them.
 """
@@ -23,41 +24,65 @@ from .spelling import spell
 _BODY = """
     const uint row = TID_X / 32;
     const uint lane = TID_X % 32;
-    const uint token = GID_X / (32 * G);
-    const size_t x_row = (size_t)token * K;
+    const uint first = GID_X / (32 * G) * TOK;  // this threadgroup's tokens: first, ..., first + TOK - 1
     const size_t w_row = (size_t)row * K;
-    float s = 0.0f;
+    float s[TOK];
+    #pragma unroll
+    for (uint t = 0; t < TOK; ++t) {
+        s[t] = 0.0f;
+    }
     uint k = lane;
-    // four products a pass (their eight loads in flight together), summed in k order
+    // four products a pass (their loads in flight together), each token's summed in k order
     #pragma unroll 1
     for (; k + 96 < K; k += 128) {
-        const float x0 = float(x[x_row + k]), x1 = float(x[x_row + k + 32]);
-        const float x2 = float(x[x_row + k + 64]), x3 = float(x[x_row + k + 96]);
         const float w0 = float(w[w_row + k]), w1 = float(w[w_row + k + 32]);
         const float w2 = float(w[w_row + k + 64]), w3 = float(w[w_row + k + 96]);
-        s += x0 * w0;
-        s += x1 * w1;
-        s += x2 * w2;
-        s += x3 * w3;
+        #pragma unroll
+        for (uint t = 0; t < TOK; ++t) {
+            if (first + t < M) {
+                const size_t x_row = (size_t)(first + t) * K;
+                const float x0 = float(x[x_row + k]), x1 = float(x[x_row + k + 32]);
+                const float x2 = float(x[x_row + k + 64]), x3 = float(x[x_row + k + 96]);
+                s[t] += x0 * w0;
+                s[t] += x1 * w1;
+                s[t] += x2 * w2;
+                s[t] += x3 * w3;
+            }
+        }
     }
     #pragma unroll 1
     for (; k < K; k += 32) {
-        s += float(x[x_row + k]) * float(w[w_row + k]);
+        const float w0 = float(w[w_row + k]);
+        #pragma unroll
+        for (uint t = 0; t < TOK; ++t) {
+            if (first + t < M) {
+                s[t] += float(x[(size_t)(first + t) * K + k]) * w0;
+            }
+        }
     }
-    for (uint lanes = 16; lanes > 0; lanes /= 2) {
-        s += SHUFFLE_XOR(s, lanes);
+    #pragma unroll
+    for (uint t = 0; t < TOK; ++t) {
+        for (uint lanes = 16; lanes > 0; lanes /= 2) {
+            s[t] += SHUFFLE_XOR(s[t], lanes);
+        }
     }
     if (lane == 0) {
-        const float g = cap[0] * TANH((s + float(bias[row])) / cap[0]);
-        if (row < G / 2) {
-            i_out[token * (G / 2) + row] = g;
-        } else {
-            // log-sigmoid(g) = -(max(-g, 0) + log1p(exp(-|g|))); log1p by log(u) * e / (u - 1),
-            // exact where 1 + e rounds (Metal has no log1p)
-            const float e = EXP(-ABS(g));
-            const float u = 1.0f + e;
-            const float softplus = u == 1.0f ? e : LOG(u) * e / (u - 1.0f);
-            log_f_out[token * (G / 2) + row - G / 2] = -(MAX(-g, 0.0f) + softplus);
+        #pragma unroll
+        for (uint t = 0; t < TOK; ++t) {
+            const uint token = first + t;
+            if (token < M) {
+                const float g = cap[0] * TANH((s[t] + float(bias[row])) / cap[0]);
+                if (row < G / 2) {
+                    i_out[token * (G / 2) + row] = g;
+                } else {
+                    // log-sigmoid(g) = -(max(-g, 0) + log1p(exp(-|g|))); log1p by log(u) * e / (u - 1),
+                    // exact where 1 + e rounds (Metal has no log1p)
+                    const float e = EXP(-ABS(g));
+                    const float u = 1.0f + e;
+                    const float softplus = u == 1.0f ? e : LOG(u) * e / (u - 1.0f);
+                    log_f_out[token * (G / 2) + row - G / 2] = -(MAX(-g, 0.0f) + softplus);
+                }
+            }
         }
     }
 """
@@ -72,7 +97,15 @@ NAME = "xlstm_head_gates"
 INPUTS = ["x", "w", "bias", "cap"]
 OUTPUTS = ["i_out", "log_f_out"]
 # Sizes passed at launch, not compiled in: one binary whatever they are.
-RUNTIME = ["K"]
+RUNTIME = ["K", "M"]
+# A call of at least GROUPED_FROM tokens (a prompt) gives each threadgroup TOKENS_A_GROUP of
+# them: each warp then reads its gate row's weights once for all of them, where a threadgroup
+# a token read all the weights again for every token (2,048 tokens: 106 us a call on an H200,
+# most of it reading 256 KiB of weights from L2 per token, and in a prompt the call waits for
+# the SMs of the q|k|v|o GEMM beside it). Shorter calls (decode, verify calls) keep one token
+# a threadgroup: the lowest latency.
+GROUPED_FROM = 64
+TOKENS_A_GROUP = 8
 # The most gate rows a threadgroup takes (a warp each): 1024 threads.
 MAX_ROWS = 32
 
@@ -87,10 +120,11 @@ def launch(kernel, x, weight, bias, cap, lead=None, verbose=False):
     G, K = weight.shape
     tokens = x.size // K
     lead = x.shape[:-1] if lead is None else tuple(lead)
+    per_group = TOKENS_A_GROUP if tokens >= GROUPED_FROM else 1
     i, log_f = kernel(
         inputs=[x, weight, bias, mx.array([cap], mx.float32)],
-        template=[("G", G), ("K", K)],
-        grid=(32 * G * tokens, 1, 1),
+        template=[("G", G), ("K", K), ("M", tokens), ("TOK", per_group)],
+        grid=(32 * G * -(-tokens // per_group), 1, 1),
         threadgroup=(32 * G, 1, 1),
         output_shapes=[(*lead, G // 2)] * 2,
         output_dtypes=[mx.float32] * 2,
