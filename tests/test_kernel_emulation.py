@@ -55,6 +55,18 @@ def test_the_step_kernel_matches_the_ops_at_uneven_heads_and_many_tokens(Dqk, Dv
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
 
 
+def test_a_prompts_gate_groups_give_the_one_token_threadgroups_numbers(monkeypatch):
+    """Threadgroups of eight tokens (a prompt's call) sum each token's products in the order
+    a threadgroup of one does: the same gates, bit for bit, a part-full last group too."""
+    x, weight, bias = kernels._random_gate_inputs(M=gates.GROUPED_FROM + 3, G=6, K=300, dtype=mx.bfloat16)
+    kernel = emulated(gates)
+    grouped = gates.launch(kernel, x, weight, bias, 15.0)
+    monkeypatch.setattr(gates, "GROUPED_FROM", 10**9)  # every call one token a threadgroup
+    alone = gates.launch(kernel, x, weight, bias, 15.0)
+    for a, b in zip(grouped, alone):
+        assert mx.array_equal(a, b).item()
+
+
 def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
     h, qkvo, weight, bias, o_start = kernels._random_norm_inputs(B=3, T=5, H=2, Dv=128, bias=False)
     got = gated_norm.launch(emulated(gated_norm), h, qkvo, weight, None, o_start, 1e-6)
