@@ -67,6 +67,20 @@ def test_a_prompts_gate_groups_give_the_one_token_threadgroups_numbers(monkeypat
         assert mx.array_equal(a, b).item()
 
 
+def test_chunk_states_loaded_ahead_are_the_chunk_by_chunk_walk(monkeypatch):
+    """Chunks loaded AHEAD at a time (the last block part full) walk the same arithmetic as one
+    chunk at a time: the same states, bit for bit, and the ops' to their tolerance."""
+    args = kernels._random_chunk_inputs(NC=2 * chunk_states.AHEAD + 5, dtype=mx.bfloat16)
+    ahead = chunk_states.launch(emulated(chunk_states), *args)
+    monkeypatch.setattr(chunk_states, "AHEAD", 1)
+    one_by_one = chunk_states.launch(emulated(chunk_states), *args)
+    (want_in, want_out) = ops.chunk_states_ops(*args)
+    for got, alone, want in zip((*ahead[0], *ahead[1]), (*one_by_one[0], *one_by_one[1]), (*want_in, *want_out)):
+        assert mx.array_equal(got, alone).item()
+        rtol = 1e-4 if got.dtype == mx.float32 else 1e-2
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), rtol=rtol, atol=1e-4)
+
+
 def test_the_gated_norm_kernel_matches_the_ops_at_a_batch_of_tokens():
     h, qkvo, weight, bias, o_start = kernels._random_norm_inputs(B=3, T=5, H=2, Dv=128, bias=False)
     got = gated_norm.launch(emulated(gated_norm), h, qkvo, weight, None, o_start, 1e-6)

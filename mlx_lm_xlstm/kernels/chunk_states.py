@@ -8,7 +8,7 @@ each chunk's (Dqk, Dv) contribution through memory several times (concatenate, m
 slice, cast). The kernel reads each contribution once and writes each entering state once.
 
 Work split: one thread per element of a head's [C | n] (Dqk * Dv + Dqk values), one grid
-row per (sequence, head); each thread walks the chunks in order. The stabiliser is a
+row per (sequence, head); each thread walks the chunks in order, loading AHEAD of them at a time. The stabiliser is a
 scalar recurrence that every thread recomputes (two loads per chunk, shared by the whole
 head, so cached). Consecutive threads touch consecutive elements: coalesced.
 The chunk count NC is a launch argument (one binary for every prompt length).
@@ -20,6 +20,9 @@ from . import gpu
 from .spelling import spell
 
 THREADS = 256
+# Chunks whose loads a thread issues together before walking them (H200, 7B shape, a
+# 2,048-token piece: a chunk at a time, each load waited for in turn, took 119 us a layer).
+AHEAD = 8
 
 # MLX's CUDA backend hashes the whole binary at every launch (~0.5 us a KB): loops whose unrolling only adds code stay rolled.
 _BODY = """
@@ -36,23 +39,39 @@ _BODY = """
 
     float m_run = m[bh];
     float s = in_C ? C[(size_t)bh * CSIZE + at] : n[(size_t)bh * DQK + at];
+    // The contributions and gates of AHEAD chunks loaded together, then walked in order:
+    // their loads are in flight at once (the walk is the same arithmetic, chunk by chunk).
     #pragma unroll 1
-    for (uint c = 0; c < NC; ++c) {
-        const size_t here = base + (size_t)c * stride;
-        if (in_C) {
-            C_in[here] = static_cast<T>(s);
-        } else {
-            n_in[here] = s;
+    for (uint c0 = 0; c0 < NC; c0 += AHEAD) {
+        float d[AHEAD];
+        float g_c[AHEAD];
+        float a_c[AHEAD];
+        #pragma unroll
+        for (uint j = 0; j < AHEAD; ++j) {
+            const uint c = c0 + j;
+            const size_t here = base + (size_t)c * stride;
+            d[j] = c >= NC ? 0.0f : in_C ? float(dC[here]) : float(dn[here]);
+            g_c[j] = c < NC ? g[bh * NC + c] : 0.0f;
+            a_c[j] = c < NC ? a_max[bh * NC + c] : 0.0f;
         }
-        if (e == 0) {
-            m_in[bh * NC + c] = m_run;
+        #pragma unroll
+        for (uint j = 0; j < AHEAD; ++j) {
+            const uint c = c0 + j;
+            if (c < NC) {
+                const size_t here = base + (size_t)c * stride;
+                if (in_C) {
+                    C_in[here] = static_cast<T>(s);
+                } else {
+                    n_in[here] = s;
+                }
+                if (e == 0) {
+                    m_in[bh * NC + c] = m_run;
+                }
+                const float m_next = MAX(g_c[j] + m_run, a_c[j]);
+                s = EXP(g_c[j] + m_run - m_next) * s + EXP(a_c[j] - m_next) * d[j];
+                m_run = m_next;
+            }
         }
-        const float g_c = g[bh * NC + c];
-        const float a_c = a_max[bh * NC + c];
-        const float m_next = MAX(g_c + m_run, a_c);
-        const float d = in_C ? float(dC[here]) : float(dn[here]);
-        s = EXP(g_c + m_run - m_next) * s + EXP(a_c - m_next) * d;
-        m_run = m_next;
     }
     if (in_C) {
         C_out[(size_t)bh * CSIZE + at] = s;
@@ -67,7 +86,7 @@ _BODY = """
 
 def source(backend: dict) -> str:
     """The kernel body for one backend (`spelling.METAL` or `spelling.CUDA`)."""
-    return spell(_BODY, backend)
+    return spell(_BODY.replace("AHEAD", str(AHEAD)), backend)
 
 
 NAME = "mlstm_chunk_states"
