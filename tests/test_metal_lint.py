@@ -174,15 +174,17 @@ def test_lint_catches_a_broken_gated_norm_kernel():
     assert result.returncode != 0 and "DVV" in result.stderr
 
 
-def _gates_source(body, dtype, G):
+def _gates_source(body, dtype, G, tokens=6):
     kernel = metal.Kernel(gates.NAME, gates.INPUTS, gates.OUTPUTS, body, runtime=gates.RUNTIME)
     call = lambda x, w, b: list(gates.launch(kernel, x, w, b, 15.0, verbose=True))
-    return generated_metal_source(call, zeros((2, 3, 40), dtype), zeros((G, 40)), zeros((G,)))
+    return generated_metal_source(call, zeros((tokens, 40), dtype), zeros((G, 40)), zeros((G,)))
 
 
-@pytest.mark.parametrize("dtype, G", [(mx.bfloat16, 16), (mx.float32, 6), (mx.float16, 32)])
-def test_gates_kernel_passes_lint(dtype, G):
-    source = _gates_source(gates.source(METAL), dtype, G)
+# a short call's threadgroups (a token each) and a prompt's (TOKENS_A_GROUP each)
+@pytest.mark.parametrize("dtype, G, tokens", [(mx.bfloat16, 16, 6), (mx.float32, 6, 6), (mx.float16, 32, 6), (mx.bfloat16, 16, gates.GROUPED_FROM)])
+def test_gates_kernel_passes_lint(dtype, G, tokens):
+    source = _gates_source(gates.source(METAL), dtype, G, tokens)
+    assert f"<{G}, {gates.TOKENS_A_GROUP if tokens >= gates.GROUPED_FROM else 1}>;" in source  # the instance: G, TOK
     assert "simd_shuffle_xor" in source and "metal::precise::tanh" in source
     result = lint(source)
     assert result.returncode == 0, result.stderr
