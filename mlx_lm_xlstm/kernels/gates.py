@@ -8,9 +8,9 @@ sixteen numbers a token, and a decode step pays for each launch, on the host (ML
 every op) and on the GPU.
 
 Work split: one threadgroup per token (TOK = TOKENS_A_GROUP tokens in a prompt call), one
-simdgroup / warp per gate row (input gates, then forget gates: G rows); lane l sums the
-products at k = l, l + 32, ... in fp32 (exponential gates amplify rounding), each token's
-in the same order whatever TOK, the lanes meet by shuffles, and lane 0 finishes the row. A folder
+simdgroup / warp per gate row (input gates, then forget gates: G rows); lane l sums a
+token's products at k = l, l + 32, ... in fp32 (exponential gates amplify rounding) and in
+that order whatever TOK, the lanes meet by shuffles, and lane 0 finishes the row. A folder
 may hold the gate weights in bf16 (mlx_lm.convert keeps them fp32): they are read as fp32,
 as the ops path casts them.
 """
