@@ -47,8 +47,13 @@ def test_the_kernel_ab_compares_the_bodies_at_a_commit_with_the_tree():
     assert set(sides) == {"HEAD", "tree"}
     rows = bench_kernels.same_outputs(sides, small=True)
     assert set(rows) == {f"{name} B={B}" for name in bench_kernels.MODULES for B in (1, 16)}
-    assert all(rows.values())
+    assert all(row["same"] and row["max_abs_diff"] == 0 for row in rows.values())
     assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree"}  # no body differs
+    kernel, launch = sides["tree"]["gates"]
+    sides["tree"]["gates"] = (kernel, lambda *args: [y + 0.5 for y in launch(*args)])  # a body off by 0.5
+    off = bench_kernels.same_outputs(sides, small=True)
+    assert off["gates B=1"] == {"same": False, "max_abs_diff": 0.5} and off["step B=1"]["same"]
+    sides["tree"]["gates"] = (kernel, launch)
     sides["tree"]["gates"][0].kernel.body += "\n"
     assert set(bench_kernels.configurations(sides, "HEAD")) == {"HEAD", "tree", "tree, gates from HEAD"}
 
