@@ -116,11 +116,11 @@ def main():
 
     if not mx.cuda.is_available():
         sys.exit("bench_host_profile.py profiles MLX's CUDA backend: run it on a CUDA GPU")
-    out = Path(tempfile.mkdtemp(prefix="host-profile-"))
-    library = build_library(out)
-    os.environ["NVTX_INJECTION64_PATH"] = str(library)  # read at MLX's first NVTX range, below
-    stats = ctypes.CDLL(str(library))
-    result = profile(stats, args.layers, out)
+    with tempfile.TemporaryDirectory(prefix="host-profile-") as folder:  # the library and its dumps
+        library = build_library(Path(folder))
+        os.environ["NVTX_INJECTION64_PATH"] = str(library)  # read at MLX's first NVTX range, below
+        stats = ctypes.CDLL(str(library))
+        result = profile(stats, args.layers, Path(folder))
     if not any(result[k]["ranges (exclusive us)"] for k in result if k != "layers"):
         sys.exit("no NVTX range was recorded: this MLX build marks none, or NVTX did not load the library")
     print(json.dumps(result, indent=1))
