@@ -121,9 +121,13 @@ def head_gates(x, weight, bias, cap: float, lead=None):
     the results' leading shape, (B, T) for a batch's tokens as rows x (B * T, D): the
     kernel writes them in it, where a reshape would be one more op of every decode step."""
     if fast_path_enabled() and kernels.head_gates_kernel_applies(x, weight, bias):
-        return kernels.head_gates_kernel(x, weight, bias, cap, lead)
-    i, log_f = head_gates_ops(x, weight, bias, cap)
-    return (i, log_f) if lead is None else (i.reshape(*lead, -1), log_f.reshape(*lead, -1))
+        i, log_f = kernels.head_gates_kernel(x, weight, bias, cap, lead)
+    else:
+        i, log_f = head_gates_ops(x, weight, bias, cap)
+    if lead is None:
+        return i, log_f
+    # Sizes spelled out: a reshape to the shape an array has is then no op (the bare kernel's).
+    return i.reshape(*lead, i.shape[-1]), log_f.reshape(*lead, log_f.shape[-1])
 
 
 class RMSNorm(nn.Module):

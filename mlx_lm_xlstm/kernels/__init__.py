@@ -408,10 +408,10 @@ def head_gates_kernel_applies(x, weight, bias) -> bool:
 
 
 def head_gates_kernel(x, weight, bias, cap: float, lead=None):
-    """The gates by the kernel; arguments and results as `large.head_gates`. Undifferentiated
-    (the compiled decode step) the kernel writes them in `lead`; in its VJP wrapper it writes
-    them in x's leading shape and they are reshaped (a wrapper per shape would pile up)."""
+    """The gates by the kernel; arguments as `large.head_gates`. Undifferentiated (the
+    compiled decode step) the kernel writes them in `lead`; in its VJP wrapper in x's leading
+    shape, which `large.head_gates` reshapes (a wrapper per shape would pile up)."""
     if lead is not None and not _with_vjp:
         return _gates.launch(_gates.kernel, x, weight, bias, float(cap), lead)
     i, log_f = _fused_gates(_gates.kernel, float(cap))(x, weight, bias)
-    return (i, log_f) if lead is None else (i.reshape(*lead, -1), log_f.reshape(*lead, -1))
+    return i, log_f
